@@ -1,0 +1,197 @@
+"""``KaSALinear``: a KaSA adapter around an ``nn.Linear`` or transformers' ``Conv1D``.
+
+Output (KaSA paper Eq. 5-8)::
+
+    y = W_trunc x + scaling * B (sigma * (A dropout(x))) + bias
+
+where ``W_trunc = W - R`` and ``R = left @ right`` is the rank-n part removed from the frozen weight (the n
+smallest singular triplets; n = r with the paper's truncation). In ``in_place`` mode the base weight is
+overwritten with ``W_trunc``; in ``non_destructive`` mode it keeps ``W`` bit-exact and ``R x`` is subtracted
+in forward. The layer only stores and applies the removed factors: computing them is ``decomposition``'s job.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .decomposition import truncate
+from .fingerprint import weight_fingerprint
+
+SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
+
+
+class KaSALinear(nn.Module):
+    """KaSA adapter wrapping ``base_layer``.
+
+    Args:
+        base_layer (nn.Linear | Conv1D): the frozen layer; its weight is truncated here in ``in_place`` mode.
+        removed_left (torch.Tensor): (out, n) left factor of the removed part R.
+        removed_right (torch.Tensor): (n, in) right factor of R.
+        r (int): adapter rank.
+        lora_alpha (float): scaling numerator.
+        lora_dropout (float): dropout on the adapter input.
+        use_rslora (bool): scaling = lora_alpha / sqrt(r).
+        base_mode (str): ``"in_place"`` or ``"non_destructive"``.
+        adapter_dtype (torch.dtype | None): dtype of A, B, sigma; default fp32 (fp64 for fp64 bases).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        removed_left: torch.Tensor,
+        removed_right: torch.Tensor,
+        *,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        base_mode: str = "in_place",
+        adapter_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, SUPPORTED_BASE_LAYERS):
+            raise TypeError(f"KaSALinear wraps nn.Linear or Conv1D, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        weight = self._base_weight()
+        self.out_features, self.in_features = weight.shape
+        if removed_left.shape[0] != self.out_features or removed_right.shape[1] != self.in_features:
+            raise ValueError(
+                f"removed factors {tuple(removed_left.shape)} @ {tuple(removed_right.shape)} do not fit a "
+                f"({self.out_features}, {self.in_features}) weight"
+            )
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.use_rslora = use_rslora
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.base_mode = base_mode
+        self.merged = False
+        self.adapter_enabled = True
+        # Set by ``penalty.attach_penalties`` while training with the KaSA regularizers: called with the
+        # adapter's (..., r) activation inside forward, where ZeRO-3 has gathered this layer's parameters.
+        self.penalty_hook: Callable[[KaSALinear, torch.Tensor], torch.Tensor] | None = None
+
+        factor_dtype = torch.promote_types(weight.dtype, torch.float32)
+        dtype = adapter_dtype or factor_dtype
+        device = weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=dtype))
+        self.lora_diag = nn.Parameter(torch.empty(r, device=device, dtype=dtype))
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        # The removed part travels with the adapter (DESIGN.md section 4); not in the model's state_dict.
+        # Contiguous so a loaded adapter (always contiguous) runs the very same kernels: bit-identical outputs.
+        left = removed_left.detach().to(device, factor_dtype).contiguous()
+        right = removed_right.detach().to(device, factor_dtype).contiguous()
+        self.register_buffer("removed_left", left, persistent=False)
+        self.register_buffer("removed_right", right, persistent=False)
+        self.base_fingerprint = weight_fingerprint(weight)
+        self.reset_parameters()
+        if base_mode == "in_place":
+            self._write_base_weight(truncate(weight, self.removed_left, self.removed_right))
+        elif base_mode != "non_destructive":
+            raise ValueError(f"base_mode={base_mode!r} is not one of ['in_place', 'non_destructive']")
+
+    @property
+    def n_removed(self) -> int:
+        """Rank of the removed part (r with the paper's truncation; can be less with the official one)."""
+        return self.removed_left.shape[1]
+
+    def reset_parameters(self) -> None:
+        """Official init: A kaiming-uniform(a=sqrt(5)), B = 0, sigma ~ N(0, 1); so dW = 0."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+            nn.init.normal_(self.lora_diag)
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """The trainable parameters, by their checkpoint names."""
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B, "lora_diag": self.lora_diag}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (..., out)."""
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        if self.base_mode == "non_destructive":
+            removed = F.linear(F.linear(x.to(self.removed_right.dtype), self.removed_right), self.removed_left)
+            result = result - removed.to(result.dtype)
+        if not self.adapter_enabled:
+            return result
+        h = F.linear(self.lora_dropout(x.to(self.lora_A.dtype)), self.lora_A)  # (..., r)
+        if self.penalty_hook is not None:
+            h = self.penalty_hook(self, h)
+        update = F.linear(h * self.lora_diag, self.lora_B) * self.scaling  # (..., out)
+        return result + update.to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``dW = scaling * B diag(sigma) A``, (out, in) like ``nn.Linear.weight``, in the adapter dtype."""
+        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
+        delta = (self.lora_B.to(dtype) * self.lora_diag.to(dtype)) @ self.lora_A.to(dtype)
+        return (delta * self.scaling).to(self.lora_A.dtype)
+
+    def removed_weight(self) -> torch.Tensor:
+        """``R = left @ right``, (out, in)."""
+        return self.removed_left @ self.removed_right
+
+    def effective_weight(self) -> torch.Tensor:
+        """``W_trunc + dW`` in float64: the weight this layer computes with (bias aside)."""
+        weight = self._base_weight().detach().to(torch.float64)
+        if self.merged:
+            return weight
+        if self.base_mode == "non_destructive":
+            weight = weight - self.removed_weight().to(torch.float64)
+        return weight + self.delta_weight().detach().to(torch.float64)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update (and, in non-destructive mode, the truncation) into the base weight."""
+        if self.merged:
+            raise RuntimeError("KaSA layer is already merged; call unmerge() first")
+        self._write_base_weight(self.effective_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge`` (exact up to one rounding of the base dtype)."""
+        if not self.merged:
+            raise RuntimeError("KaSA layer is not merged")
+        weight = self._base_weight().to(torch.float64) - self.delta_weight().to(torch.float64)
+        if self.base_mode == "non_destructive":
+            weight = weight + self.removed_weight().to(torch.float64)
+        self._write_base_weight(weight)
+        self.merged = False
+
+    @torch.no_grad()
+    def original_weight(self) -> torch.Tensor:
+        """The weight before KaSA, (out, in), in the base dtype (bit-exact in non-destructive mode)."""
+        weight = self._base_weight()
+        if self.merged:
+            weight = weight.to(torch.float64) - self.delta_weight().to(torch.float64)
+            if self.base_mode == "in_place":
+                weight = weight + self.removed_weight().to(torch.float64)
+            return weight.to(self._base_weight().dtype)
+        if self.base_mode == "non_destructive":
+            return weight.clone()
+        return (weight.to(torch.float64) + self.removed_weight().to(torch.float64)).to(weight.dtype)
+
+    def _base_weight(self) -> torch.Tensor:
+        """The base weight as (out, in), a view of the parameter's data."""
+        weight = self.base_layer.weight.data
+        return weight.T if self.fan_in_fan_out else weight
+
+    def _write_base_weight(self, weight: torch.Tensor) -> None:
+        """Copy ``weight`` (out, in) into the base parameter, in its dtype and layout."""
+        target = self.base_layer.weight.data
+        target.copy_(weight.T if self.fan_in_fan_out else weight)
+
+    def extra_repr(self) -> str:
+        return (
+            f"r={self.r}, n_removed={self.n_removed}, scaling={self.scaling:g}, base_mode={self.base_mode}, "
+            f"merged={self.merged}"
+        )

@@ -1,0 +1,136 @@
+"""The regularizer registry and the built-in KaSA regularizers.
+
+A regularizer is a pure function of one KaSA layer's factors::
+
+    fn(lora_A (r, in), lora_B (out, r), lora_diag (r,)) -> scalar tensor
+
+The registry is a dict plus a decorator (in the spirit of timm's ``register_model``); configs pick entries by
+name. The trainer weights each registered term, reduces it over layers (``sum`` as in the paper and PEFT, or
+``mean`` as in the official code) and adds it to the task loss (KaSA paper Eq. 9-12)::
+
+    L = L_task + sum_name weight[name] * reduce_layers(fn_name(A, B, sigma))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+
+Regularizer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+REDUCTIONS = ("sum", "mean")
+
+_REGISTRY: dict[str, Regularizer] = {}
+
+
+def register_regularizer(name: str) -> Callable[[Regularizer], Regularizer]:
+    """Register ``fn(lora_A, lora_B, lora_diag) -> scalar`` under ``name``.
+
+    Example::
+
+        @register_regularizer("diag_to_one")
+        def diag_to_one(lora_A, lora_B, lora_diag):
+            return (lora_diag - 1).pow(2).sum()
+
+    Raises:
+        ValueError: if ``name`` is empty or already registered.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"regularizer name must be a non-empty string, got {name!r}")
+
+    def decorator(fn: Regularizer) -> Regularizer:
+        if name in _REGISTRY:
+            raise ValueError(
+                f"regularizer {name!r} is already registered (by {_qualname(_REGISTRY[name])}); "
+                "pick another name or call unregister_regularizer first"
+            )
+        if not callable(fn):
+            raise TypeError(f"register_regularizer({name!r}) expects a function, got {type(fn).__name__}")
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorator
+
+
+def unregister_regularizer(name: str) -> None:
+    """Remove ``name`` from the registry (for tests and interactive sessions)."""
+    if name not in _REGISTRY:
+        raise KeyError(f"regularizer {name!r} is not registered; known: {registered_regularizers()}")
+    del _REGISTRY[name]
+
+
+def registered_regularizers() -> list[str]:
+    """Sorted names of every registered regularizer."""
+    return sorted(_REGISTRY)
+
+
+def get_regularizer(name: str) -> Regularizer:
+    """The function registered under ``name``; a ``ValueError`` lists the known names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown regularizer {name!r}; registered: {registered_regularizers()}. "
+            "Register your own with @kasa_trl.register_regularizer(name) before building the KaSAConfig."
+        ) from None
+
+
+def validate_regularizer_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    """Check names are registered and weights finite and >= 0; return a plain ``dict[str, float]``."""
+    if not isinstance(weights, Mapping):
+        raise TypeError(
+            f"regularizers must be a mapping name -> weight, e.g. {{'singular_value_l2': 1e-4}}; "
+            f"got {type(weights).__name__}"
+        )
+    checked: dict[str, float] = {}
+    for name, weight in weights.items():
+        get_regularizer(name)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise TypeError(f"regularizer weight for {name!r} must be a number, got {weight!r}")
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(
+                f"regularizer weight for {name!r} must be finite and >= 0, got {weight}; "
+                "use 0 (or drop the entry) to switch a term off"
+            )
+        checked[name] = float(weight)
+    return checked
+
+
+def _qualname(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _gram_error(m: torch.Tensor) -> torch.Tensor:
+    """||m m^T - I||_F for m (r, d), computed in >= fp32."""
+    m = m.to(torch.promote_types(m.dtype, torch.float32))
+    gram = m @ m.T  # (r, r)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.matrix_norm(gram - eye)
+
+
+@register_regularizer("singular_value_l2")
+def singular_value_l2(lora_A: torch.Tensor, lora_B: torch.Tensor, lora_diag: torch.Tensor) -> torch.Tensor:
+    """``||sigma||_2^2``: the L2 penalty on the learned singular values (KaSA paper Eq. 10)."""
+    return lora_diag.to(torch.promote_types(lora_diag.dtype, torch.float32)).pow(2).sum()
+
+
+@register_regularizer("orthogonality")
+def orthogonality(lora_A: torch.Tensor, lora_B: torch.Tensor, lora_diag: torch.Tensor) -> torch.Tensor:
+    """``||B^T B - I_r||_F + ||A A^T - I_r||_F`` (KaSA paper Eq. 11-12, PEFT 0.21), not squared."""
+    return _gram_error(lora_B.T) + _gram_error(lora_A)
+
+
+@register_regularizer("orthogonality_official")
+def orthogonality_official(lora_A: torch.Tensor, lora_B: torch.Tensor, lora_diag: torch.Tensor) -> torch.Tensor:
+    """The official code's ``||A^T A - I_in||_F + ||B B^T - I_out||_F``, in r x r form.
+
+    ``A^T A`` shares its r non-zero eigenvalues with ``A A^T`` and has ``in - r`` zeros, so
+    ``||A^T A - I_in||_F^2 = ||A A^T - I_r||_F^2 + (in - r)``: the same value with no (in x in) matrix.
+    """
+    r, n_in = lora_A.shape
+    n_out = lora_B.shape[0]
+    a_err = _gram_error(lora_A)
+    b_err = _gram_error(lora_B.T)
+    return torch.sqrt(a_err.pow(2) + (n_in - r)) + torch.sqrt(b_err.pow(2) + (n_out - r))

@@ -1,0 +1,170 @@
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from kasa_trl import KaSALinear
+from kasa_trl.decomposition import minor_components, truncate
+
+torch.manual_seed(0)
+
+
+def _linear(out_features: int, in_features: int, dtype=torch.float32, conv1d: bool = False) -> nn.Module:
+    if conv1d:
+        layer = Conv1D(out_features, in_features)
+        nn.init.normal_(layer.bias)
+    else:
+        layer = nn.Linear(in_features, out_features)
+    return layer.to(dtype)
+
+
+def _weight(layer: nn.Module) -> torch.Tensor:
+    w = layer.weight.detach()
+    return w.T.clone() if isinstance(layer, Conv1D) else w.clone()
+
+
+def _kasa(layer: nn.Module, r: int = 3, base_mode: str = "in_place", **kwargs) -> KaSALinear:
+    left, right = minor_components(_weight(layer), r, "svd")
+    return KaSALinear(layer, left, right, r=r, lora_alpha=2 * r, base_mode=base_mode, **kwargs)
+
+
+def _randomize(layer: KaSALinear, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.adapter_params().values():
+            p.copy_(torch.randn(p.shape, generator=gen))
+
+
+def _reference(x, weight, bias):
+    return x.double() @ weight.double().T + bias.double()
+
+
+SHAPES = [(6, 10), (8, 8), (12, 5)]
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("base_mode", ["in_place", "non_destructive"])
+def test_init_output_is_truncated_base(conv1d, shape, base_mode):
+    base = _linear(*shape, conv1d=conv1d)
+    w = _weight(base)
+    bias = base.bias.detach().clone()
+    layer = _kasa(base, base_mode=base_mode)
+    w_trunc = truncate(w.double(), layer.removed_left.double(), layer.removed_right.double())
+    x = torch.randn(4, shape[1])
+    torch.testing.assert_close(layer(x).double(), _reference(x, w_trunc, bias), rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(layer.delta_weight()) == 0
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("base_mode", ["in_place", "non_destructive"])
+@pytest.mark.parametrize("leading", [(5,), (2, 3), (2, 1, 3)])
+def test_output_with_random_factors(conv1d, shape, base_mode, leading):
+    base = _linear(*shape, conv1d=conv1d)
+    w, bias = _weight(base), base.bias.detach().clone()
+    layer = _kasa(base, base_mode=base_mode)
+    _randomize(layer)
+    a, b, d = (p.detach().double() for p in layer.adapter_params().values())
+    delta = layer.scaling * (b * d) @ a
+    assert delta.shape == w.shape
+    torch.testing.assert_close(layer.delta_weight().double(), delta, rtol=1e-5, atol=1e-6)
+    w_trunc = truncate(w.double(), layer.removed_left.double(), layer.removed_right.double())
+    x = torch.randn(*leading, shape[1])
+    out = layer(x)
+    assert out.shape == (*leading, shape[0])
+    torch.testing.assert_close(out.double(), _reference(x, w_trunc + delta, bias), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("base_mode", ["in_place", "non_destructive"])
+def test_merge_unmerge_round_trip(conv1d, base_mode):
+    base = _linear(9, 7, conv1d=conv1d)
+    layer = _kasa(base, base_mode=base_mode)
+    _randomize(layer)
+    x = torch.randn(3, 7)
+    expected = layer(x)
+    before = base.weight.detach().clone()
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+    layer.unmerge()
+    torch.testing.assert_close(base.weight.detach(), before, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="not merged"):
+        layer.unmerge()
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_modes_agree_and_non_destructive_keeps_weight(conv1d):
+    torch.manual_seed(3)
+    base_a = _linear(10, 6, conv1d=conv1d)
+    base_b = _linear(10, 6, conv1d=conv1d)
+    base_b.load_state_dict(base_a.state_dict())
+    original = base_b.weight.detach().clone()
+    in_place, non_destructive = _kasa(base_a), _kasa(base_b, base_mode="non_destructive")
+    _randomize(in_place)
+    _randomize(non_destructive)
+    x = torch.randn(2, 5, 6)
+    torch.testing.assert_close(in_place(x), non_destructive(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(base_b.weight, original)
+    assert torch.equal(non_destructive.original_weight(), _weight(base_b))
+    torch.testing.assert_close(in_place.original_weight(), non_destructive.original_weight(), rtol=1e-6, atol=1e-6)
+
+
+def test_dropout_acts_on_adapter_input_only():
+    base = _linear(8, 6)
+    layer = _kasa(base, lora_dropout=0.5)
+    _randomize(layer)
+    x = torch.randn(64, 6)
+    layer.eval()
+    deterministic = layer(x)
+    layer.train()
+    torch.manual_seed(0)
+    noisy = layer(x)
+    assert not torch.allclose(noisy, deterministic)
+    with torch.no_grad():
+        layer.lora_B.zero_()
+    torch.testing.assert_close(layer(x), layer.base_layer(x))  # no adapter: dropout has no effect
+
+
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float16])
+def test_mixed_dtypes_low_precision_base_fp32_adapter(base_dtype):
+    base = _linear(16, 12, dtype=base_dtype)
+    w = _weight(base).double()
+    layer = _kasa(base, r=4)
+    assert layer.lora_A.dtype == torch.float32 and layer.removed_left.dtype == torch.float32
+    assert base.weight.dtype == base_dtype
+    _randomize(layer)
+    x = torch.randn(3, 12, dtype=base_dtype)
+    out = layer(x)
+    assert out.dtype == base_dtype and torch.isfinite(out).all()
+    expected = _reference(x, w - layer.removed_weight().double() + layer.delta_weight().double(), base.bias)
+    torch.testing.assert_close(out.double(), expected, rtol=5e-2, atol=5e-2)
+    loss = out.float().pow(2).mean()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.adapter_params().values())
+
+
+def test_rslora_scaling():
+    layer = _kasa(_linear(8, 8), r=4, use_rslora=True)
+    assert layer.scaling == pytest.approx(8 / 2)
+
+
+def test_gradients_flow_to_adapter_only():
+    base = _linear(8, 6)
+    base.requires_grad_(False)
+    layer = _kasa(base)
+    _randomize(layer)
+    layer(torch.randn(4, 6)).sum().backward()
+    assert all(p.grad is not None for p in layer.adapter_params().values())
+    assert base.weight.grad is None
+
+
+def test_rejects_unsupported_base_and_bad_factors():
+    with pytest.raises(TypeError, match="nn.Linear or Conv1D"):
+        KaSALinear(nn.Embedding(4, 4), torch.zeros(4, 1), torch.zeros(1, 4), r=1, lora_alpha=1)
+    with pytest.raises(ValueError, match="do not fit"):
+        KaSALinear(nn.Linear(4, 6), torch.zeros(4, 1), torch.zeros(1, 4), r=1, lora_alpha=1)

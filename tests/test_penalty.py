@@ -1,0 +1,110 @@
+"""The regularizer gradient enters exactly once, whatever the loss scaling, forwards and checkpointing."""
+
+import pytest
+import torch
+
+from kasa_trl import KaSAConfig, apply_kasa, kasa_layers
+from kasa_trl.penalty import attach_penalties
+from kasa_trl.regularizers import get_regularizer
+from kasa_trl.tiny import build_tiny_llama
+
+from .conftest import VOCAB, randomize_adapters
+
+WEIGHTS = {"singular_value_l2": 0.3, "orthogonality": 0.2, "orthogonality_official": 0.1}
+
+
+def _model(seed: int = 0):
+    torch.manual_seed(seed)
+    model = apply_kasa(build_tiny_llama(VOCAB, seed=0), KaSAConfig(r=4, regularizers=WEIGHTS))
+    randomize_adapters(model, seed=1)
+    return model.train()
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _reference_penalty(model, reduction="sum"):
+    layers = kasa_layers(model).values()
+    total = sum(
+        w * get_regularizer(n)(layer.lora_A, layer.lora_B, layer.lora_diag) for layer in layers for n, w in WEIGHTS.items()
+    )
+    return total / len(layers) if reduction == "mean" else total
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("loss_scale", [1.0, 0.25, 1024.0])
+def test_injected_gradient_equals_loss_plus_penalty(input_ids, reduction, loss_scale):
+    reference = _model()
+    loss = reference(input_ids, labels=input_ids).loss + _reference_penalty(reference, reduction)
+    (loss * loss_scale).backward()
+    expected = _grads(reference)
+
+    model = _model()
+    session = attach_penalties(model, WEIGHTS, reduction)
+    session.begin()
+    out = session.finish(model(input_ids, labels=input_ids).loss)
+    torch.testing.assert_close(out.detach(), loss.detach())
+    (out * loss_scale).backward()
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_micro_batch_factor_scales_only_the_penalty(input_ids):
+    reference = _model()
+    (reference(input_ids, labels=input_ids).loss + 0.5 * _reference_penalty(reference)).backward()
+    model = _model()
+    session = attach_penalties(model, WEIGHTS)
+    session.begin(micro_batch_factor=0.5)
+    session.finish(model(input_ids, labels=input_ids).loss).backward()
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(grad, _grads(reference)[name], rtol=1e-5, atol=1e-6)
+
+
+def test_two_forwards_in_one_micro_batch_charge_once(input_ids):
+    reference = _model()
+    loss = sum(reference(ids, labels=ids).loss for ids in input_ids.split(1)) + _reference_penalty(reference)
+    loss.backward()
+    model = _model()
+    session = attach_penalties(model, WEIGHTS)
+    session.begin()
+    session.finish(sum(model(ids, labels=ids).loss for ids in input_ids.split(1))).backward()
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(grad, _grads(reference)[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_activation_checkpointing(input_ids, use_reentrant):
+    reference = _model()
+    (reference(input_ids, labels=input_ids).loss + _reference_penalty(reference)).backward()
+    model = _model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model.enable_input_require_grads()
+    session = attach_penalties(model, WEIGHTS)
+    session.begin()
+    session.finish(model(input_ids, labels=input_ids).loss).backward()
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(grad, _grads(reference)[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_values_and_no_grad_forward(input_ids):
+    model = _model()
+    session = attach_penalties(model, WEIGHTS)
+    session.begin()
+    with torch.no_grad():
+        loss = session.finish(model(input_ids, labels=input_ids).loss)
+    assert not loss.requires_grad
+    values = session.values()
+    layers = kasa_layers(model).values()
+    for name in WEIGHTS:
+        expected = sum(float(get_regularizer(name)(la.lora_A, la.lora_B, la.lora_diag)) for la in layers)
+        assert float(values[name]) == pytest.approx(expected, rel=1e-6)
+    assert float(session.total()) == pytest.approx(float(_reference_penalty(model)), rel=1e-6)
+
+
+def test_backward_without_finish_is_a_clear_error(input_ids):
+    model = _model()
+    session = attach_penalties(model, WEIGHTS)
+    session.begin()
+    with pytest.raises(RuntimeError, match="return PenaltySession.finish"):
+        model(input_ids, labels=input_ids).loss.backward()
