@@ -136,7 +136,9 @@ class PenaltySession:
         with_grad = torch.is_grad_enabled() and layer.lora_A.requires_grad
         if not with_grad and name in self._values:
             return h
-        with torch.set_grad_enabled(with_grad):
+        # Autocast off: Gram errors of near-orthonormal factors are differences of O(1) numbers, which bf16 rounds
+        # away; the regularizers upcast to fp32 themselves.
+        with torch.set_grad_enabled(with_grad), torch.autocast(h.device.type, enabled=False):
             terms = {n: fn(layer.lora_A, layer.lora_B, layer.lora_diag) for n, fn in self.functions.items()}
         if name not in self._values:
             self._values[name] = {n: t.detach().float() for n, t in terms.items()}

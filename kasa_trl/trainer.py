@@ -1,0 +1,191 @@
+"""``KaSATrainer`` (SFT) and ``KaSADPOTrainer``: TRL's trainers plus the KaSA regularizers.
+
+The glue is thin: a mixin applies KaSA to the model (unless it already carries KaSA layers), installs the
+regularizer ``PenaltySession`` (see ``penalty``), and overrides ``compute_loss`` (charge the regularizers, log
+their values through TRL's ``self._metrics``), ``log`` (merge ``SpectrumCallback`` scalars), ``save_model`` and
+the checkpoint loading (a KaSA adapter directory instead of full weights).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from trl import DPOTrainer, SFTTrainer
+
+from .adapter_io import layer_tensors, read_adapter, write_adapter
+from .config import KaSAConfig
+from .model import apply_kasa, get_kasa_config, kasa_layers
+from .penalty import PenaltySession, attach_penalties
+
+TRAINING_ARGS_NAME = "training_args.bin"
+
+
+def kasa_config_from_peft(peft_config: Any) -> KaSAConfig:
+    """A ``KaSAConfig`` from a ``KaSAConfig`` or a PEFT ``LoraConfig(kasa_config=...)``; else a clear error."""
+    if isinstance(peft_config, KaSAConfig):
+        return peft_config
+    kasa = getattr(peft_config, "kasa_config", None)
+    if kasa is None or not hasattr(kasa, "beta"):
+        raise TypeError(
+            f"peft_config must be a kasa_trl.KaSAConfig (or a peft.LoraConfig with kasa_config set), got "
+            f"{type(peft_config).__name__}{' without kasa_config' if hasattr(peft_config, 'kasa_config') else ''}; "
+            "pass kasa_config=KaSAConfig(...) instead"
+        )
+    targets = peft_config.target_modules
+    return KaSAConfig(
+        r=peft_config.r,
+        lora_alpha=peft_config.lora_alpha,
+        lora_dropout=peft_config.lora_dropout,
+        target_modules=sorted(targets) if isinstance(targets, (set, list, tuple)) else (targets or "all-linear"),
+        exclude_modules=peft_config.exclude_modules,
+        use_rslora=peft_config.use_rslora,
+        regularizers={"singular_value_l2": kasa.beta, "orthogonality": kasa.gamma},
+    )
+
+
+class KaSATrainerMixin:
+    """What the KaSA trainers add to a TRL trainer. Put it before the TRL class in the bases."""
+
+    kasa_config: KaSAConfig
+    _kasa_session: PenaltySession
+
+    def _kasa_resolve_config(self, kasa_config: KaSAConfig | None, peft_config: Any) -> KaSAConfig | None:
+        if kasa_config is not None and peft_config is not None:
+            raise ValueError("pass either kasa_config or peft_config (a KaSA config), not both")
+        if peft_config is not None:
+            return kasa_config_from_peft(peft_config)
+        if kasa_config is not None and not isinstance(kasa_config, KaSAConfig):
+            raise TypeError(f"kasa_config must be a kasa_trl.KaSAConfig, got {type(kasa_config).__name__}")
+        return kasa_config
+
+    def _kasa_setup(self, kasa_config: KaSAConfig | None) -> None:
+        """After the TRL constructor: adapt ``self.model`` and install the regularizers."""
+        model = self.model
+        if kasa_layers(model):
+            existing = get_kasa_config(model)
+            if kasa_config is not None and kasa_config != existing:
+                raise ValueError(
+                    "the model already carries KaSA layers with a different KaSAConfig; drop kasa_config or "
+                    "start from an untouched base model"
+                )
+            self.kasa_config = existing
+        else:
+            self.kasa_config = kasa_config if kasa_config is not None else KaSAConfig()
+            apply_kasa(model, self.kasa_config)
+        if self.args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+            # The base is frozen: reentrant checkpointing needs inputs that require grad to reach the adapters.
+            model.enable_input_require_grads()
+        self._kasa_session = attach_penalties(
+            model, self.kasa_config.regularizers, self.kasa_config.regularizer_reduction
+        )
+
+    # -- loss and metrics ------------------------------------------------------------------------------
+    def _kasa_micro_batch_factor(self, num_items_in_batch: Any) -> float:
+        """1 / accumulation steps when the task loss is already normalized over the accumulated batch."""
+        if not self.model.training:
+            return 1.0
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:
+            scaled = (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            ) or self.compute_loss_func is not None
+        return 1.0 / self.current_gradient_accumulation_steps if scaled else 1.0
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        session = self._kasa_session
+        session.begin(self._kasa_micro_batch_factor(num_items_in_batch))
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        loss, outputs = result if return_outputs else (result, None)
+        loss = session.finish(loss)
+        mode = "train" if self.model.training else "eval"
+        values = session.values()
+        for name, value in values.items():
+            self._metrics[mode][f"kasa/{name}"].append(float(value))
+        total = session.total()
+        if total is not None:
+            self._metrics[mode]["kasa/regularization"].append(float(total))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        for callback in self.callback_handler.callbacks:
+            consume = getattr(callback, "consume_scalars", None)
+            if callable(consume):
+                logs.update(consume())
+        super().log(logs, start_time)
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """As the Trainer's, minus ``lora_diag``: the learned singular values already carry their own explicit
+        L2 penalty (``singular_value_l2``, the paper's beta); decoupled weight decay would add a second,
+        hidden one whose strength depends on the learning rate."""
+        return [name for name in super().get_decay_parameter_names(model) if not name.endswith("lora_diag")]
+
+    # -- saving and loading ----------------------------------------------------------------------------
+    def kasa_adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors, gathered under ZeRO-3 (a collective: every rank must call it)."""
+        from .distributed import gathered
+
+        tensors: dict[str, torch.Tensor] = {}
+        for name, layer in kasa_layers(self.model).items():
+            with gathered(list(layer.adapter_params().values())):
+                tensors.update(layer_tensors(name, layer))
+        return tensors
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Write the KaSA adapter (not the full model) plus the tokenizer and training arguments."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        tensors = self.kasa_adapter_tensors()
+        if self.args.should_save:
+            write_adapter(output_dir, tensors, self.kasa_config)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        self._kasa_load_adapter_weights(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        if self.is_deepspeed_enabled:
+            return super()._load_best_model()
+        self._kasa_load_adapter_weights(self.state.best_model_checkpoint)
+
+    def _kasa_load_adapter_weights(self, directory: str) -> None:
+        """Copy a saved adapter's trained factors into this model's KaSA layers (same layers, same base)."""
+        config, per_layer = read_adapter(directory)
+        layers = kasa_layers(self.model)
+        if sorted(per_layer) != sorted(layers) or config.r != self.kasa_config.r:
+            raise ValueError(
+                f"checkpoint {directory} holds a KaSA adapter for other layers or rank than this model's; "
+                "resume with the same model and KaSAConfig"
+            )
+        with torch.no_grad():
+            for name, layer in layers.items():
+                if not torch.equal(per_layer[name]["removed_left"], layer.removed_left.cpu()):
+                    raise ValueError(f"checkpoint {directory} was trained on another truncation of {name}")
+                for key, param in layer.adapter_params().items():
+                    param.copy_(per_layer[name][key])
+
+
+class KaSATrainer(KaSATrainerMixin, SFTTrainer):
+    """``trl.SFTTrainer`` training a KaSA adapter with the KaSA regularizers.
+
+    Same arguments as ``SFTTrainer`` plus ``kasa_config`` (default ``KaSAConfig()``). ``peft_config`` may be a
+    ``KaSAConfig`` or a ``peft.LoraConfig(kasa_config=...)`` (converted), nothing else.
+    """
+
+    def __init__(self, *args: Any, kasa_config: KaSAConfig | None = None, **kwargs: Any) -> None:
+        config = self._kasa_resolve_config(kasa_config, kwargs.pop("peft_config", None))
+        super().__init__(*args, **kwargs)
+        self._kasa_setup(config)
