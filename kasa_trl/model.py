@@ -18,6 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import KaSAConfig
 from .decomposition import minor_components
+from .distributed import broadcast_adapters, gathered, is_partitioned, rank_and_world, sharded_decompose, weight_shape
 from .layer import SUPPORTED_BASE_LAYERS, KaSALinear
 
 # A function computing the removed factors of every target; replaced under ZeRO-3 by a sharded schedule.
@@ -53,22 +54,31 @@ def apply_kasa(model: nn.Module, config: KaSAConfig, *, decomposer: Decomposer |
         )
     targets = find_targets(model, config)
     n_removed = {name: removed_rank(module, config, name) for name, module in targets.items()}
-    for name, module in targets.items():
-        _check_finite(name, module)
-    factors = (decomposer or decompose_targets)(targets, n_removed, config)
+    if decomposer is None:
+        zero3 = any(is_partitioned(module.weight) for module in targets.values())
+        decomposer = sharded_decompose if zero3 or rank_and_world()[1] > 1 else decompose_targets
+    factors = decomposer(targets, n_removed, config)
+    # Nothing was modified so far; from here on every step succeeds or is a bug.
+    layers = []
     for name, module in targets.items():
         left, right = factors[name]
-        layer = KaSALinear(
-            module,
-            left,
-            right,
-            r=config.r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            use_rslora=config.use_rslora,
-            base_mode=config.base_mode,
-        )
+        # Under ZeRO-3 the weight is gathered for the truncation and rank 0's result re-partitioned (all ranks
+        # computed the same one from the same factors).
+        modifier = 0 if config.base_mode == "in_place" else None
+        with gathered([module.weight], modifier_rank=modifier):
+            layer = KaSALinear(
+                module,
+                left,
+                right,
+                r=config.r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                use_rslora=config.use_rslora,
+                base_mode=config.base_mode,
+            )
         _set_submodule(model, name, layer)
+        layers.append(layer)
+    broadcast_adapters(layers)
     _freeze_all_but_adapters(model)
     model.kasa_config = config
     return model
@@ -79,6 +89,8 @@ def decompose_targets(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The removed factors ``(left (out, n), right (n, in))`` of each target, one after the other."""
     factors = {}
+    for name, module in targets.items():
+        _check_finite_weight(name, base_weight(module))
     for name, module in _progress(targets.items(), "KaSA: decomposing"):
         factors[name] = minor_components(base_weight(module), n_removed[name], config.decomposition_method)
     return factors
@@ -92,7 +104,7 @@ def base_weight(module: nn.Module) -> torch.Tensor:
 
 def removed_rank(module: nn.Module, config: KaSAConfig, name: str) -> int:
     """How many singular triplets KaSA removes from ``module`` (validates ``r`` for this layer)."""
-    out_features, in_features = base_weight(module).shape
+    out_features, in_features = weight_shape(module)
     k = min(out_features, in_features)
     if config.r >= k:
         raise ValueError(
@@ -198,8 +210,8 @@ def _check_supported(name: str, module: nn.Module) -> None:
         )
 
 
-def _check_finite(name: str, module: nn.Module) -> None:
-    if not torch.isfinite(module.weight.data).all():
+def _check_finite_weight(name: str, weight: torch.Tensor) -> None:
+    if not torch.isfinite(weight).all():
         raise ValueError(
             f"{name} has non-finite (NaN/Inf) weights; KaSA cannot decompose it. Check the checkpoint or "
             "exclude the module"
