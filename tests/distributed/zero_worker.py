@@ -100,6 +100,19 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     else:
         model = build_tiny_llama(len(tokenizer), seed=0)
+    import kasa_trl.distributed
+    import kasa_trl.model
+
+    decomposed: list[str] = []
+
+    def counting(weight, n, method="auto"):
+        decomposed.append(tuple(weight.shape))
+        return minor_components(weight, n, method)
+
+    from kasa_trl.decomposition import minor_components
+
+    kasa_trl.distributed.minor_components = counting
+    kasa_trl.model.minor_components = counting
     start = time.perf_counter()
     trainer = KaSATrainer(
         model=model,
@@ -118,6 +131,8 @@ def main() -> None:
     for name, layer in kasa_layers(trainer.model).items():
         with gathered([layer.base_layer.weight]):
             truncated[name] = layer.base_layer.weight.detach().clone()
+    rank = int(os.environ.get("RANK", "0"))
+    torch.save({"decomposed": len(decomposed), "truncated": truncated}, os.path.join(args.out, f"rank{rank}.pt"))
     if trainer.args.should_save:
         torch.save(
             {

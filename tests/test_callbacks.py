@@ -1,0 +1,297 @@
+"""SpectrumCallback: records equal their formulas, reach the loggers by both routes, and change nothing."""
+
+import json
+import struct
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import TrainerControl, TrainerState
+from trl import SFTConfig, SFTTrainer
+
+from kasa_trl import KaSAConfig, apply_kasa, kasa_layers
+from kasa_trl.callbacks import FINAL_PNG, JSONL_NAME, OVER_STEPS_PNG, SpectrumCallback, pop_spectrum_scalars
+from kasa_trl.tiny import build_tiny_llama, build_tokenizer, load_tiny_dataset
+
+from .conftest import VOCAB, randomize_adapters
+
+QUANTITIES = ("lora_diag_abs", "singular_values", "orthogonality_A", "orthogonality_B", "update_norm")
+TARGETS = ["q_proj", "v_proj"]  # 4 layers keep the pictures (the slowest part) quick
+N_LAYERS = 2 * len(TARGETS)
+
+
+class MergingSFTTrainer(SFTTrainer):
+    """Stands in for KaSATrainer: its log() merges the callback's scalars before the integrations run."""
+
+    def log(self, logs, start_time=None):
+        logs.update(pop_spectrum_scalars(self))
+        super().log(logs, start_time)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return load_tiny_dataset("sft").select(range(16))
+
+
+def train(out_dir, tokenizer, dataset, *, trainer_cls=SFTTrainer, callbacks=None, **overrides):
+    args = dict(
+        output_dir=str(out_dir),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        logging_steps=2,
+        save_strategy="no",
+        report_to="tensorboard",
+        use_cpu=True,
+        seed=0,
+        max_length=32,
+        disable_tqdm=True,
+    )
+    args.update(overrides)
+    # Dropout draws from the global RNG every step: a callback consuming RNG would change the weights.
+    model = apply_kasa(
+        build_tiny_llama(len(tokenizer), seed=0), KaSAConfig(r=4, lora_dropout=0.1, target_modules=TARGETS)
+    )
+    trainer = trainer_cls(
+        model=model,
+        args=SFTConfig(**args),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    trainer.train()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def merged_run(tmp_path_factory, tokenizer, dataset):
+    out = tmp_path_factory.mktemp("merged")
+    return train(out, tokenizer, dataset, trainer_cls=MergingSFTTrainer, callbacks=[SpectrumCallback()]), out
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory, tokenizer, dataset):
+    out = tmp_path_factory.mktemp("plain")  # logging_steps=3: a log at step 3, a final unlogged record at 4
+    return train(out, tokenizer, dataset, callbacks=[SpectrumCallback(plots=False)], logging_steps=3), out
+
+
+def read_records(out):
+    return [json.loads(line) for line in (Path(out) / JSONL_NAME).read_text().splitlines()]
+
+
+def tensorboard_events(out):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (event_file,) = Path(out).glob("runs/*/events.out.tfevents.*")
+    acc = EventAccumulator(str(event_file), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    return acc
+
+
+def by_hand(layer):
+    """The record's quantities from the (out, in) update itself, in float64."""
+    a, b, diag = (
+        layer.lora_A.detach().double(),
+        layer.lora_B.detach().double(),
+        layer.lora_diag.detach().double(),
+    )
+    delta = layer.scaling * (b * diag) @ a  # (out, in)
+    eye = torch.eye(layer.r, dtype=torch.float64)
+    return {
+        "lora_diag": diag,
+        "singular_values": torch.linalg.svdvals(delta)[: layer.r],
+        "orthogonality_A": torch.linalg.matrix_norm(a @ a.T - eye),
+        "orthogonality_B": torch.linalg.matrix_norm(b.T @ b - eye),
+        "update_norm": torch.linalg.matrix_norm(delta),
+    }
+
+
+def summary(record):
+    """kasa/spectrum/<quantity>/<stat> recomputed from a JSONL record."""
+    pooled = {q: [] for q in QUANTITIES}
+    for layer in record["layers"].values():
+        pooled["lora_diag_abs"] += [abs(v) for v in layer["lora_diag"]]
+        pooled["singular_values"] += layer["singular_values"]
+        for q in QUANTITIES[2:]:
+            pooled[q].append(layer[q])
+    return {
+        f"kasa/spectrum/{q}/{stat}": float(fn(values))
+        for q, values in pooled.items()
+        for stat, fn in (("min", np.min), ("mean", np.mean), ("max", np.max))
+    }
+
+
+def test_jsonl_records_equal_the_formulas(merged_run):
+    trainer, out = merged_run
+    records = read_records(out)
+    assert [r["step"] for r in records] == [2, 4]
+    layers = kasa_layers(trainer.model)
+    assert all(sorted(r["layers"]) == sorted(layers) for r in records)
+    last = records[-1]["layers"]
+    for name, layer in layers.items():
+        expected = by_hand(layer)
+        assert set(last[name]) == set(expected)
+        assert last[name]["lora_diag"] == expected["lora_diag"].tolist()  # fp32 -> fp64 is exact
+        # QR-core singular values vs a full SVD of dW, both float64: agree to ~1e-15 of the largest.
+        scale = float(expected["singular_values"][0]) + 1e-30
+        sv = torch.tensor(last[name]["singular_values"], dtype=torch.float64)
+        torch.testing.assert_close(sv, expected["singular_values"], rtol=0, atol=1e-10 * scale)
+        for key in ("orthogonality_A", "orthogonality_B", "update_norm"):
+            assert last[name][key] == pytest.approx(float(expected[key]), rel=1e-10, abs=1e-12), key
+    assert all(layer["update_norm"] > 0 for layer in last.values())  # training moved the adapters
+
+
+def test_scalars_in_log_history_when_log_merges(merged_run):
+    trainer, out = merged_run
+    records = {r["step"]: r for r in read_records(out)}
+    logged = {e["step"]: e for e in trainer.state.log_history if "loss" in e}
+    assert sorted(logged) == [2, 4]
+    for step, entry in logged.items():
+        expected = summary(records[step])
+        assert {k for k in entry if k.startswith("kasa/")} == set(expected)  # per-layer scalars are opt-in
+        for key, value in expected.items():
+            assert entry[key] == pytest.approx(value, rel=1e-12), key
+    (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, SpectrumCallback)]
+    assert callback.consume_scalars() == {}  # all delivered
+
+
+def test_tensorboard_gets_scalars_and_histograms(merged_run):
+    _, out = merged_run
+    acc = tensorboard_events(out)
+    tags = acc.Tags()
+    assert {f"train/kasa/spectrum/{q}/{s}" for q in QUANTITIES for s in ("min", "mean", "max")} <= set(
+        tags["scalars"]
+    )
+    assert [e.step for e in acc.Scalars("train/kasa/spectrum/update_norm/mean")] == [2, 4]
+    for key in ("lora_diag", "singular_values"):
+        events = acc.Histograms(f"train/kasa/spectrum/{key}")
+        assert [e.step for e in events] == [2, 4]
+        assert events[-1].histogram_value.num == N_LAYERS * 4
+
+
+def png_size(path):
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_pictures(merged_run):
+    import matplotlib.image
+
+    _, out = merged_run
+    # Documented layout at 100 dpi: 3 x 2.2 in panels on a ceil(sqrt(4)) = 2 column grid; 8 x 5 in.
+    assert png_size(out / OVER_STEPS_PNG) == (2 * 300, 2 * 220)
+    assert png_size(out / FINAL_PNG) == (800, 500)
+    for name in (OVER_STEPS_PNG, FINAL_PNG):
+        assert (out / name).stat().st_size > 10_000
+        assert matplotlib.image.imread(out / name)[..., :3].std() > 0.05  # something was drawn
+
+
+def test_plain_trainer_falls_back_to_the_writers(plain_run):
+    trainer, out = plain_run
+    records = read_records(out)
+    assert [r["step"] for r in records] == [3, 4]  # 4: the end of training, not a logging step
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["step"] for e in logged] == [3]
+    expected = summary(records[0])
+    assert all(logged[0][k] == pytest.approx(v, rel=1e-12) for k, v in expected.items())
+    acc = tensorboard_events(out)
+    for tag in ("train/kasa/spectrum/update_norm/mean", "train/kasa/spectrum/singular_values/max"):
+        events = acc.Scalars(tag)  # written once, by the callback, at the record's step
+        assert [e.step for e in events] == [3]
+        assert events[0].value == pytest.approx(expected[tag.removeprefix("train/")], rel=1e-6)
+    assert [e.step for e in acc.Histograms("train/kasa/spectrum/lora_diag")] == [3]
+    assert not list(out.glob("*.png"))  # plots=False
+
+
+def test_observes_only(plain_run, tmp_path, tokenizer, dataset):
+    trainer, _ = plain_run
+    baseline = train(tmp_path, tokenizer, dataset, logging_steps=3)
+    with_cb, without = kasa_layers(trainer.model), kasa_layers(baseline.model)
+    for name, layer in with_cb.items():
+        for key, param in layer.adapter_params().items():
+            assert torch.equal(param, without[name].adapter_params()[key]), f"{name}.{key}"
+
+
+@pytest.fixture
+def model():
+    model = apply_kasa(build_tiny_llama(VOCAB, seed=0), KaSAConfig(r=4, target_modules=TARGETS))
+    randomize_adapters(model)
+    return model
+
+
+def run_events(callback, model, out, report_to=(), steps=(1,)):
+    """Drive the callback like a Trainer would, outside any Trainer; no trainer log at these steps."""
+    args = types.SimpleNamespace(output_dir=str(out), report_to=list(report_to))
+    state = TrainerState()
+    callback.on_train_begin(args, state, TrainerControl(), model=model)
+    for step in steps:
+        state.global_step = step
+        callback.on_step_end(args, state, TrainerControl(should_log=False), model=model)
+    return args, state
+
+
+def test_wandb_per_layer_and_missing_matplotlib(model, tmp_path, monkeypatch):
+    logged = []
+    fake_wandb = types.SimpleNamespace(run=object(), log=logged.append, Histogram=lambda v: ("hist", len(v)))
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # any matplotlib import now fails
+    callback = SpectrumCallback(every_n_steps=1, per_layer_scalars=True)
+    args, state = run_events(callback, model, tmp_path, report_to=["wandb"], steps=(1, 2))
+    assert [entry["train/global_step"] for entry in logged] == [1, 2]
+    entry = logged[-1]
+    assert entry["train/kasa/spectrum/lora_diag"] == ("hist", 4 * 4)
+    name = "model.layers.1.self_attn.v_proj"
+    assert entry[f"train/kasa/spectrum/layers/{name}/update_norm"] == pytest.approx(
+        float(by_hand(kasa_layers(model)[name])["update_norm"]), rel=1e-10
+    )
+    assert f"train/kasa/spectrum/layers/{name}/singular_values" in entry  # per-layer histogram
+    with pytest.warns(UserWarning, match="matplotlib"):
+        callback.on_train_end(args, state, TrainerControl(), model=model)
+    assert not list(tmp_path.glob("*.png"))
+    assert [r["step"] for r in read_records(tmp_path)] == [1, 2]
+
+
+def test_zero3_parameters_are_gathered_for_reading(model, tmp_path, monkeypatch):
+    entered = []
+
+    class GatheredParameters:  # records what DeepSpeed would gather
+        def __init__(self, params, modifier_rank=-1):
+            entered.append(([id(p) for p in params], modifier_rank))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    fake_deepspeed = types.SimpleNamespace(zero=types.SimpleNamespace(GatheredParameters=GatheredParameters))
+    monkeypatch.setitem(sys.modules, "deepspeed", fake_deepspeed)
+    layers = kasa_layers(model)
+    for layer in layers.values():
+        for param in layer.adapter_params().values():
+            param.ds_id = 0
+    callback = SpectrumCallback(plots=False)
+    args = types.SimpleNamespace(output_dir=str(tmp_path), report_to=[])
+    state = TrainerState(global_step=1)
+    callback.on_step_end(args, state, TrainerControl(should_log=True), model=torch.nn.Linear(2, 2))  # no KaSA
+    assert entered == [] and callback.consume_scalars() == {}
+    wrapped = type("DeepSpeedEngine", (torch.nn.Module,), {})()
+    wrapped.module = model
+    callback.on_step_end(args, state, TrainerControl(should_log=True), model=wrapped)
+    expected = [([id(p) for p in la.adapter_params().values()], None) for la in layers.values()]
+    assert entered == expected  # one read-only gather per layer, in model order (the same on every rank)
+    assert callback.consume_scalars()["kasa/spectrum/update_norm/max"] > 0
+
+
+def test_rejects_bad_every_n_steps():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        SpectrumCallback(every_n_steps=0)
