@@ -1,0 +1,268 @@
+"""kasa_trl.decomposition: only facts that hold for every valid SVD (never U or V themselves)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kasa_trl.decomposition import (
+    DECOMPOSITION_METHODS,
+    factor_singular_values,
+    lora_export_factors,
+    minor_components,
+    orthogonality_error,
+    singular_values,
+    truncate,
+)
+
+F64 = torch.float64
+EPS = torch.finfo(F64).eps
+ASPECTS = ("wide", "square", "tall")  # out < in, out == in, out > in
+# Documented accuracy of R against float64 SVD: gram_eigh squares the condition number (module docstring).
+ACCURATE = 1e-7
+
+
+def _tolerance(method: str, cond: float) -> float:
+    return ACCURATE + (10 * EPS * cond**2 if method == "gram_eigh" else 0.0)
+
+
+def _shape(aspect: str, k: int, extra: int) -> tuple[int, int]:
+    return {"wide": (k, k + extra), "square": (k, k), "tall": (k + extra, k)}[aspect]
+
+
+def _orthonormal_columns(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(rows, cols, generator=gen, dtype=F64)).Q
+
+
+def _with_spectrum(shape: tuple[int, int], s: torch.Tensor, seed: int) -> torch.Tensor:
+    """W = U diag(s) V^T with Haar-random U, V."""
+    gen = torch.Generator().manual_seed(seed)
+    k = s.shape[0]
+    return (_orthonormal_columns(shape[0], k, gen) * s) @ _orthonormal_columns(shape[1], k, gen).T
+
+
+def _svd_removed(weight: torch.Tensor, n: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    k = s.shape[0]
+    return (u[:, k - n :] * s[k - n :]) @ vh[k - n :]
+
+
+def _assert_invariants(weight: torch.Tensor, n: int, method: str, rtol: float) -> tuple[torch.Tensor, ...]:
+    """Facts every removal of the n smallest triplets satisfies; errors relative to the largest removed value."""
+    s = singular_values(weight)
+    k = s.shape[0]
+    scale = s[k - n] if n else s[0]
+    atol = rtol * scale + 1e3 * EPS * s[0]
+    left, right = minor_components(weight, n, method)
+    removed = left @ right
+    w_trunc = truncate(weight, left, right)
+    torch.testing.assert_close(w_trunc + removed, weight, rtol=0, atol=1e2 * EPS * s[0])
+    # The kept spectrum is intact, nothing of the removed one is left, and R holds exactly the n smallest.
+    expected = torch.cat([s[: k - n], s.new_zeros(n)])
+    torch.testing.assert_close(singular_values(w_trunc), expected, rtol=0, atol=atol)
+    torch.testing.assert_close(factor_singular_values(left, right), s[k - n :], rtol=0, atol=atol)
+    energy = (s[k - n :] ** 2).sum()
+    assert abs(removed.norm() ** 2 - energy) <= 2 * rtol * energy + 1e3 * EPS * s[0] ** 2
+    # Canonical factors: left = U_n S_n (orthogonal columns), right = V_n^T (orthonormal rows).
+    torch.testing.assert_close(right @ right.T, torch.eye(n, dtype=F64), rtol=0, atol=1e-10)
+    torch.testing.assert_close(left.T @ left, torch.diag(left.norm(dim=0) ** 2), rtol=0, atol=atol * s[0])
+    return s, removed, w_trunc
+
+
+@st.composite
+def gaussian_weights(draw, aspect: str):
+    k, extra = draw(st.integers(1, 10)), draw(st.integers(1, 8))
+    shape = _shape(aspect, k, extra)
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    return scale * torch.randn(shape, generator=gen, dtype=F64), draw(st.integers(0, k))
+
+
+@pytest.mark.parametrize("aspect", ASPECTS)
+@pytest.mark.parametrize("method", DECOMPOSITION_METHODS)
+@settings(deadline=None, max_examples=15)
+@given(data=st.data())
+def test_random_weights(method, aspect, data):
+    weight, n = data.draw(gaussian_weights(aspect))
+    s, removed, w_trunc = _assert_invariants(weight, n, method, rtol=1e-9)
+    k = s.shape[0]
+    if 0 < n < k and s[k - n - 1] - s[k - n] > 1e-3 * s[0]:  # a clear gap: R is unique, compare it directly
+        torch.testing.assert_close(removed, _svd_removed(weight, n), rtol=0, atol=1e-9 * s[0])
+    # Idempotent on the kept part: truncating W_trunc again removes (numerically) nothing.
+    again = minor_components(w_trunc, n, method)
+    assert torch.matmul(*again).norm() <= 1e-9 * s[0]
+    torch.testing.assert_close(truncate(w_trunc, *again), w_trunc, rtol=0, atol=1e-9 * s[0].item())
+
+
+@pytest.mark.parametrize("cond", [1e4, 1e6])
+@pytest.mark.parametrize("gap_at_cut", [True, False], ids=["gap", "no-gap"])
+@pytest.mark.parametrize("aspect", ASPECTS)
+@pytest.mark.parametrize("method", DECOMPOSITION_METHODS)
+@settings(deadline=None, max_examples=4)
+@given(k=st.integers(12, 28), extra=st.integers(1, 12), n=st.integers(1, 6), seed=st.integers(0, 2**32 - 1))
+def test_badly_conditioned_weights(method, aspect, gap_at_cut, cond, k, extra, n, seed):
+    s = torch.logspace(0, -math.log10(cond), k, dtype=F64)  # long tail from 1 to 1 / cond
+    if gap_at_cut:  # kept values down to 10 / cond, removed ones from 3 / cond: R is unique
+        s[: k - n] = torch.logspace(0, 1 - math.log10(cond), k - n, dtype=F64)
+        s[k - n :] = torch.logspace(0.5 - math.log10(cond), -math.log10(cond), n, dtype=F64)
+    else:
+        # The values straddling the cut agree to 1e-12: the removed subspace is not unique, its invariants are.
+        width = min(n, k - n)
+        s[k - n - width : k - n + width] = s[k - n] * (1 + 1e-12 * torch.arange(2 * width, 0, -1, dtype=F64))
+    weight = _with_spectrum(_shape(aspect, k, extra), s, seed)
+    tol = _tolerance(method, cond)
+    _, removed, _ = _assert_invariants(weight, n, method, rtol=tol)
+    if gap_at_cut:
+        reference = _svd_removed(weight, n)
+        assert (removed - reference).norm() <= tol * reference.norm()
+
+
+def test_gram_eigh_loses_accuracy_that_deflation_restores():
+    """Why ``auto`` is not plain ``gram_eigh``: a cond-1e6 long tail costs it digits that deflation recovers."""
+    weight = _with_spectrum((40, 96), torch.logspace(0, -6, 40, dtype=F64), seed=0)
+    reference = _svd_removed(weight, 4)
+    errors = {
+        m: ((torch.matmul(*minor_components(weight, 4, m)) - reference).norm() / reference.norm()).item()
+        for m in ("gram_eigh", "gram_deflated", "auto")
+    }
+    assert errors["gram_deflated"] < 1e-8 and errors["auto"] == errors["gram_deflated"]
+    assert errors["gram_eigh"] > 1e-6 > 100 * errors["gram_deflated"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("method", DECOMPOSITION_METHODS)
+def test_dtypes(method, dtype):
+    weight = torch.randn(6, 9, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
+    left, right = minor_components(weight, 3, method)
+    factor_dtype = F64 if dtype == F64 else torch.float32
+    assert (left.shape, right.shape) == ((6, 3), (3, 9))
+    assert left.dtype == right.dtype == factor_dtype
+    assert not left.requires_grad and not right.requires_grad
+    # The factors are those of the weight as stored (upcast exactly), not of a rounded copy.
+    torch.testing.assert_close(left @ right, _svd_removed(weight.detach().double(), 3).to(factor_dtype))
+    assert truncate(weight.detach(), left, right).dtype == dtype
+
+
+@pytest.mark.parametrize("aspect", ASPECTS)
+@pytest.mark.parametrize("method", DECOMPOSITION_METHODS)
+def test_remove_nothing_or_everything(method, aspect):
+    weight = torch.randn(_shape(aspect, 5, 3), generator=torch.Generator().manual_seed(1), dtype=F64)
+    out_features, in_features = weight.shape
+    left, right = minor_components(weight, 0, method)
+    assert (left.shape, right.shape) == ((out_features, 0), (0, in_features))
+    assert torch.equal(truncate(weight, left, right), weight)
+    left, right = minor_components(weight, 5, method)
+    torch.testing.assert_close(left @ right, weight, rtol=0, atol=1e-13)
+    torch.testing.assert_close(truncate(weight, left, right), torch.zeros_like(weight), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    ("weight", "n", "method", "match"),
+    [
+        (torch.ones(4, 6), -1, "svd", r"n=-1 must be in \[0, min\(out, in\)=4\]"),
+        (torch.ones(4, 6), 5, "auto", r"n=5 must be in \[0, min\(out, in\)=4\]"),
+        (torch.ones(2, 4, 6), 1, "auto", r"weight must be 2-D \(out, in\), got shape \(2, 4, 6\)"),
+        (torch.ones(6), 1, "auto", r"weight must be 2-D \(out, in\), got shape \(6,\)"),
+        (torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), 1, "gram_eigh", "non-finite entries"),
+        (torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), 1, "svd", "non-finite entries"),
+        (torch.ones(4, 6, dtype=torch.int64), 1, "auto", "floating-point tensor, got torch.int64"),
+        (torch.ones(4, 6), 1, "lanczos", r"method='lanczos' is not one of \['auto', 'svd', 'gram_eigh'"),
+    ],
+)
+def test_minor_components_errors(weight, n, method, match):
+    with pytest.raises(ValueError, match=match):
+        minor_components(weight, n, method)
+
+
+def test_truncate_rejects_factors_of_another_weight():
+    with pytest.raises(ValueError, match=r"do not fit weight \(4, 6\): expected \(4, n\) and \(n, 6\)"):
+        truncate(torch.ones(4, 6), torch.ones(4, 2), torch.ones(2, 5))
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    out_features=st.integers(1, 9),
+    in_features=st.integers(1, 9),
+    n=st.integers(0, 12),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_factor_singular_values_match_the_product(out_features, in_features, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    left = torch.randn(out_features, n, generator=gen, dtype=F64)
+    right = torch.randn(n, in_features, generator=gen, dtype=F64)
+    values = factor_singular_values(left, right)
+    expected = torch.linalg.svdvals(left @ right)
+    assert values.shape == (min(out_features, n, in_features),)
+    scale = 1 + (expected[0].item() if expected.numel() else 0)
+    torch.testing.assert_close(values, expected[: values.shape[0]], rtol=0, atol=1e-12 * scale)
+    assert factor_singular_values(left.float(), right.bfloat16()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("aspect", ASPECTS)
+@settings(deadline=None, max_examples=20)
+@given(r=st.integers(1, 4), n=st.integers(0, 4), scaling=st.floats(0.1, 4.0), seed=st.integers(0, 2**32 - 1))
+def test_lora_export_is_exact(aspect, r, n, scaling, seed):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(_shape(aspect, 5, 4), generator=gen, dtype=F64)
+    out_features, in_features = weight.shape
+    lora_A = torch.randn(r, in_features, generator=gen, dtype=F64)
+    lora_B = torch.randn(out_features, r, generator=gen, dtype=F64)
+    lora_diag = torch.randn(r, generator=gen, dtype=F64)
+    left, right = minor_components(weight, n)
+    b2, a2 = lora_export_factors(lora_A, lora_B, lora_diag, scaling, left, right)
+    assert (b2.shape, a2.shape) == ((out_features, r + n), (r + n, in_features))
+    delta = scaling * lora_B @ torch.diag(lora_diag) @ lora_A
+    torch.testing.assert_close(weight + b2 @ a2, truncate(weight, left, right) + delta, rtol=0, atol=1e-12)
+
+
+def test_lora_export_dtype_and_shape_errors():
+    lora_A, lora_B, lora_diag = torch.ones(2, 5, dtype=torch.bfloat16), torch.ones(3, 2), torch.ones(2)
+    b2, a2 = lora_export_factors(lora_A, lora_B, lora_diag, 0.5, torch.ones(3, 1), torch.ones(1, 5))
+    assert b2.dtype == a2.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"must share r=2: expected \(r, in\), \(out, r\), \(r,\)"):
+        lora_export_factors(lora_A, lora_B, torch.ones(3), 0.5, torch.ones(3, 1), torch.ones(1, 5))
+    with pytest.raises(ValueError, match=r"do not fit the adapter \(out=3, in=5\)"):
+        lora_export_factors(lora_A, lora_B, lora_diag, 0.5, torch.ones(4, 1), torch.ones(1, 5))
+
+
+def _gram_minus_identity_norm(vectors: list[list[float]]) -> float:
+    """sqrt(sum_ij (<v_i, v_j> - delta_ij)^2), in plain Python."""
+    total = 0.0
+    for i, p in enumerate(vectors):
+        for j, q in enumerate(vectors):
+            total += (sum(x * y for x, y in zip(p, q, strict=True)) - (i == j)) ** 2
+    return math.sqrt(total)
+
+
+@settings(deadline=None, max_examples=30)
+@given(r=st.integers(1, 6), extra=st.integers(0, 6), c=st.floats(0.0, 3.0), seed=st.integers(0, 2**32 - 1))
+def test_orthogonality_error(r, extra, c, seed):
+    gen = torch.Generator().manual_seed(seed)
+    a = _orthonormal_columns(r + extra, r, gen).T  # (r, in), orthonormal rows
+    b = _orthonormal_columns(r + extra + 2, r, gen)  # (out, r), orthonormal columns
+    err_a, err_b = orthogonality_error(a, b)
+    assert err_a.item() == pytest.approx(0, abs=1e-12) and err_b.item() == pytest.approx(0, abs=1e-12)
+    # Scaled orthonormal factors: A A^T = c^2 I, so the error is |c^2 - 1| sqrt(r).
+    err_a, err_b = orthogonality_error(c * a, c * b)
+    assert err_a.item() == pytest.approx(abs(c**2 - 1) * math.sqrt(r), abs=1e-10)
+    assert err_b.item() == pytest.approx(abs(c**2 - 1) * math.sqrt(r), abs=1e-10)
+    # Any factors: the Frobenius formula written out entry by entry.
+    a, b = (
+        torch.randn(r, r + extra, generator=gen, dtype=F64),
+        torch.randn(r + extra, r, generator=gen, dtype=F64),
+    )
+    by_hand_a, by_hand_b = _gram_minus_identity_norm(a.tolist()), _gram_minus_identity_norm(b.T.tolist())
+    err_a, err_b = orthogonality_error(a, b)
+    assert err_a.item() == pytest.approx(by_hand_a, rel=1e-10)
+    assert err_b.item() == pytest.approx(by_hand_b, rel=1e-10)
+
+
+def test_orthogonality_error_is_differentiable_in_float32():
+    a = torch.randn(3, 7, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(5, 3, dtype=torch.bfloat16, requires_grad=True)
+    err_a, err_b = orthogonality_error(a, b)
+    assert err_a.dtype == err_b.dtype == torch.float32
+    (err_a + err_b).backward()
+    assert a.grad is not None and b.grad is not None and a.grad.dtype == torch.bfloat16
