@@ -18,6 +18,7 @@ def __getattr__(name: str):
         return getattr(trainer, name)
     raise AttributeError(f"module 'kasa_trl' has no attribute {name!r}")
 
+
 __all__ = [
     "KaSAConfig",
     "KaSALinear",

@@ -61,7 +61,9 @@ def save_kasa_adapter(model: nn.Module, save_directory: str | os.PathLike) -> Pa
     return write_adapter(save_directory, adapter_state_dict(model), get_kasa_config(model))
 
 
-def write_adapter(save_directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: KaSAConfig) -> Path:
+def write_adapter(
+    save_directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: KaSAConfig
+) -> Path:
     """Atomically write ``tensors`` (from ``adapter_state_dict``) and ``config`` as an adapter directory."""
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -83,16 +85,24 @@ def read_adapter(directory: str | os.PathLike) -> tuple[KaSAConfig, dict[str, di
     """The config and, per layer, the tensors of a saved adapter; every format problem is a ``ValueError``."""
     path = Path(directory) / ADAPTER_FILE
     if not path.is_file():
-        hint = " (it holds a PEFT adapter: see integrations/peft)" if (Path(directory) / "adapter_config.json").is_file() else ""
+        hint = (
+            " (it holds a PEFT adapter: see integrations/peft)"
+            if (Path(directory) / "adapter_config.json").is_file()
+            else ""
+        )
         raise FileNotFoundError(f"no KaSA adapter at {directory}: {ADAPTER_FILE} is missing{hint}")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path} is corrupt or truncated ({e}); re-save the adapter or restore a copy") from e
+        raise ValueError(
+            f"{path} is corrupt or truncated ({e}); re-save the adapter or restore a copy"
+        ) from e
     if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a kasa_trl adapter (format {metadata.get('format')!r}, expected {FORMAT!r})")
+        raise ValueError(
+            f"{path} is not a kasa_trl adapter (format {metadata.get('format')!r}, expected {FORMAT!r})"
+        )
     config = _config_from_metadata(metadata, path)
     layers = json.loads(metadata.get("layers", "[]"))
     per_layer: dict[str, dict[str, torch.Tensor]] = {}
@@ -117,7 +127,10 @@ def load_kasa_adapter(
     if kasa_layers(model):
         raise ValueError("model already carries KaSA layers; load the adapter onto a fresh base model")
     config, per_layer = read_adapter(adapter_directory)
-    modules = {name: _check_layer(model, name, tensors, config, adapter_directory) for name, tensors in per_layer.items()}
+    modules = {
+        name: _check_layer(model, name, tensors, config, adapter_directory)
+        for name, tensors in per_layer.items()
+    }
     for name, tensors in per_layer.items():
         module = modules[name]
         layer = KaSALinear(
@@ -145,7 +158,11 @@ def load_kasa_adapter(
 
 
 def _check_layer(
-    model: nn.Module, name: str, tensors: dict[str, torch.Tensor], config: KaSAConfig, where: str | os.PathLike
+    model: nn.Module,
+    name: str,
+    tensors: dict[str, torch.Tensor],
+    config: KaSAConfig,
+    where: str | os.PathLike,
 ) -> nn.Module:
     try:
         module = model.get_submodule(name)

@@ -28,7 +28,9 @@ class KaSAConfig:
     ``lora_dropout``, ``target_modules``, ``exclude_modules``, ``use_rslora``).
     """
 
-    r: int = field(default=8, metadata={"help": "Adapter rank; also the number of singular components dropped."})
+    r: int = field(
+        default=8, metadata={"help": "Adapter rank; also the number of singular components dropped."}
+    )
     lora_alpha: float = field(default=16, metadata={"help": "Scaling numerator: scaling = lora_alpha / r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input, in [0, 1)."})
     target_modules: list[str] | str = field(
@@ -58,7 +60,8 @@ class KaSAConfig:
         },
     )
     decomposition_method: str = field(
-        default="auto", metadata={"help": "How the r smallest singular triplets are found (see decomposition)."}
+        default="auto",
+        metadata={"help": "How the r smallest singular triplets are found (see decomposition)."},
     )
     regularizers: dict[str, float] = field(
         default_factory=_default_regularizers,
@@ -75,7 +78,11 @@ class KaSAConfig:
 
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+        if (
+            isinstance(self.lora_alpha, bool)
+            or not isinstance(self.lora_alpha, (int, float))
+            or self.lora_alpha <= 0
+        ):
             raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")

@@ -119,7 +119,9 @@ class KaSALinear(nn.Module):
         if self.merged:
             return result
         if self.base_mode == "non_destructive":
-            removed = F.linear(F.linear(x.to(self.removed_right.dtype), self.removed_right), self.removed_left)
+            removed = F.linear(
+                F.linear(x.to(self.removed_right.dtype), self.removed_right), self.removed_left
+            )
             result = result - removed.to(result.dtype)
         if not self.adapter_enabled:
             return result

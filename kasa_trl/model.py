@@ -18,11 +18,20 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import KaSAConfig
 from .decomposition import minor_components
-from .distributed import broadcast_adapters, gathered, is_partitioned, rank_and_world, sharded_decompose, weight_shape
+from .distributed import (
+    broadcast_adapters,
+    gathered,
+    is_partitioned,
+    rank_and_world,
+    sharded_decompose,
+    weight_shape,
+)
 from .layer import SUPPORTED_BASE_LAYERS, KaSALinear
 
 # A function computing the removed factors of every target; replaced under ZeRO-3 by a sharded schedule.
-Decomposer = Callable[[dict[str, nn.Module], dict[str, int], KaSAConfig], dict[str, tuple[torch.Tensor, torch.Tensor]]]
+Decomposer = Callable[
+    [dict[str, nn.Module], dict[str, int], KaSAConfig], dict[str, tuple[torch.Tensor, torch.Tensor]]
+]
 
 
 def kasa_layers(model: nn.Module) -> dict[str, KaSALinear]:
@@ -177,7 +186,7 @@ def kasa_adapters_disabled(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for layer, enabled in zip(layers, previous):
+        for layer, enabled in zip(layers, previous, strict=True):
             layer.adapter_enabled = enabled
 
 

@@ -61,7 +61,9 @@ class PenaltySession:
         loss = session.finish(task_loss)          # adds the (detached) penalty value and the probe
     """
 
-    def __init__(self, layers: Mapping[str, KaSALinear], weights: Mapping[str, float], reduction: str) -> None:
+    def __init__(
+        self, layers: Mapping[str, KaSALinear], weights: Mapping[str, float], reduction: str
+    ) -> None:
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction={reduction!r} is not one of ['sum', 'mean']")
         self.layers = dict(layers)
@@ -152,7 +154,9 @@ class PenaltySession:
         return _AttachPenalty.apply(h, penalty, self if charge else None)
 
 
-def attach_penalties(model: nn.Module, weights: Mapping[str, float], reduction: str = "sum") -> PenaltySession:
+def attach_penalties(
+    model: nn.Module, weights: Mapping[str, float], reduction: str = "sum"
+) -> PenaltySession:
     """Install a ``PenaltySession`` on every KaSA layer of ``model`` and return it."""
     from .model import kasa_layers
 

@@ -123,7 +123,9 @@ def orthogonality(lora_A: torch.Tensor, lora_B: torch.Tensor, lora_diag: torch.T
 
 
 @register_regularizer("orthogonality_official")
-def orthogonality_official(lora_A: torch.Tensor, lora_B: torch.Tensor, lora_diag: torch.Tensor) -> torch.Tensor:
+def orthogonality_official(
+    lora_A: torch.Tensor, lora_B: torch.Tensor, lora_diag: torch.Tensor
+) -> torch.Tensor:
     """The official code's ``||A^T A - I_in||_F + ||B B^T - I_out||_F``, in r x r form.
 
     ``A^T A`` shares its r non-zero eigenvalues with ``A A^T`` and has ``in - r`` zeros, so

@@ -73,9 +73,13 @@ def test_load_accepts_same_base_in_bf16(tmp_path):
 
 def test_load_onto_other_architecture_names_the_module(tmp_path):
     save_kasa_adapter(apply_kasa(build_tiny_llama(VOCAB), KaSAConfig(r=2)), tmp_path)
-    with pytest.raises(ValueError, match=r"targets model\.layers\.0\.\w+\.\w+, which GPT2LMHeadModel does not have"):
+    with pytest.raises(
+        ValueError, match=r"targets model\.layers\.0\.\w+\.\w+, which GPT2LMHeadModel does not have"
+    ):
         load_kasa_adapter(build_tiny_gpt2(VOCAB), tmp_path)
-    save_kasa_adapter(apply_kasa(build_tiny_llama(VOCAB, hidden_size=32), KaSAConfig(r=2)), tmp_path / "small")
+    save_kasa_adapter(
+        apply_kasa(build_tiny_llama(VOCAB, hidden_size=32), KaSAConfig(r=2)), tmp_path / "small"
+    )
     with pytest.raises(ValueError, match="has shape .* needs"):
         load_kasa_adapter(build_tiny_llama(VOCAB), tmp_path / "small")
 
@@ -104,7 +108,9 @@ def test_missing_tensor_is_named(tmp_path):
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys() if k != "model.layers.1.mlp.up_proj.lora_diag"}
     save_file(tensors, str(path), metadata=meta)
-    with pytest.raises(ValueError, match=r"missing tensors \['lora_diag'\] for layer model.layers.1.mlp.up_proj"):
+    with pytest.raises(
+        ValueError, match=r"missing tensors \['lora_diag'\] for layer model.layers.1.mlp.up_proj"
+    ):
         load_kasa_adapter(build_tiny_llama(VOCAB), tmp_path)
 
 

@@ -43,7 +43,9 @@ def test_user_regularizer_can_be_referenced_by_name():
         return lora_diag.sum()
 
     try:
-        assert KaSAConfig(regularizers={"test_config_user_reg": 0.5}).regularizers == {"test_config_user_reg": 0.5}
+        assert KaSAConfig(regularizers={"test_config_user_reg": 0.5}).regularizers == {
+            "test_config_user_reg": 0.5
+        }
         with pytest.raises(ValueError, match="already registered"):
             register_regularizer("test_config_user_reg")(user_reg)
     finally:

@@ -111,7 +111,9 @@ def test_modes_agree_and_non_destructive_keeps_weight(conv1d):
     torch.testing.assert_close(in_place(x), non_destructive(x), rtol=1e-5, atol=1e-5)
     assert torch.equal(base_b.weight, original)
     assert torch.equal(non_destructive.original_weight(), _weight(base_b))
-    torch.testing.assert_close(in_place.original_weight(), non_destructive.original_weight(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        in_place.original_weight(), non_destructive.original_weight(), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_dropout_acts_on_adapter_input_only():

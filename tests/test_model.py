@@ -17,7 +17,9 @@ def _logits(model, ids):
 def test_targets_and_trainable_params(tiny_llama):
     apply_kasa(tiny_llama, KaSAConfig(r=4, target_modules=["q_proj", "v_proj"]))
     layers = kasa_layers(tiny_llama)
-    assert sorted(layers) == sorted(f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj"))
+    assert sorted(layers) == sorted(
+        f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")
+    )
     trainable = {n for n, p in tiny_llama.named_parameters() if p.requires_grad}
     expected = {f"{n}.{k}" for n in layers for k in ("lora_A", "lora_B", "lora_diag")}
     assert trainable == expected
@@ -86,7 +88,9 @@ def test_official_truncation_keeps_in_minus_r():
 
 def test_errors_leave_model_untouched(tiny_llama):
     before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
-    with pytest.raises(ValueError, match=r"r=64 must be < min\(in, out\)=64 for model.layers.0.self_attn.q_proj"):
+    with pytest.raises(
+        ValueError, match=r"r=64 must be < min\(in, out\)=64 for model.layers.0.self_attn.q_proj"
+    ):
         apply_kasa(tiny_llama, KaSAConfig(r=64, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="matched no module.*q_proj"):
         apply_kasa(tiny_llama, KaSAConfig(r=2, target_modules=["query"]))
@@ -97,7 +101,9 @@ def test_errors_leave_model_untouched(tiny_llama):
     with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj has non-finite"):
         apply_kasa(tiny_llama, KaSAConfig(r=2))
     with torch.no_grad():
-        tiny_llama.model.layers[1].mlp.up_proj.weight[0, 0] = before["model.layers.1.mlp.up_proj.weight"][0, 0]
+        tiny_llama.model.layers[1].mlp.up_proj.weight[0, 0] = before["model.layers.1.mlp.up_proj.weight"][
+            0, 0
+        ]
     assert not kasa_layers(tiny_llama)
     for key, value in tiny_llama.state_dict().items():
         assert torch.equal(value, before[key]), key

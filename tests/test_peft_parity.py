@@ -17,7 +17,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.mark.parametrize("method", ["svd", "auto"])
 def test_same_truncation_and_outputs_as_peft(method, input_ids):
-    ours = apply_kasa(build_tiny_llama(VOCAB, seed=0).eval(), KaSAConfig(r=4, lora_alpha=8, target_modules=TARGETS, decomposition_method=method))
+    ours = apply_kasa(
+        build_tiny_llama(VOCAB, seed=0).eval(),
+        KaSAConfig(r=4, lora_alpha=8, target_modules=TARGETS, decomposition_method=method),
+    )
     theirs = peft.get_peft_model(
         build_tiny_llama(VOCAB, seed=0).eval(),
         peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, kasa_config=peft.KasaConfig()),

@@ -27,7 +27,9 @@ def _grads(model):
 def _reference_penalty(model, reduction="sum"):
     layers = kasa_layers(model).values()
     total = sum(
-        w * get_regularizer(n)(layer.lora_A, layer.lora_B, layer.lora_diag) for layer in layers for n, w in WEIGHTS.items()
+        w * get_regularizer(n)(layer.lora_A, layer.lora_B, layer.lora_diag)
+        for layer in layers
+        for n, w in WEIGHTS.items()
     )
     return total / len(layers) if reduction == "mean" else total
 

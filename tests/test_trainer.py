@@ -66,7 +66,9 @@ def assert_states_close(a, b, rtol=1e-5, atol=1e-6):
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=f"{key} (worst abs diff {worst:.2e})")
+        torch.testing.assert_close(
+            a[key], b[key], rtol=rtol, atol=atol, msg=f"{key} (worst abs diff {worst:.2e})"
+        )
 
 
 def test_trains_adapter_only_and_logs_regularizers(tmp_path, tokenizer, dataset):
@@ -75,7 +77,8 @@ def test_trains_adapter_only_and_logs_regularizers(tmp_path, tokenizer, dataset)
     initial = adapter_state(trainer)
     layers = kasa_layers(trainer.model).values()
     by_hand = {
-        name: sum(float(get_regularizer(name)(la.lora_A.detach(), la.lora_B, la.lora_diag)) for la in layers) for name in STRONG
+        name: sum(float(get_regularizer(name)(la.lora_A.detach(), la.lora_B, la.lora_diag)) for la in layers)
+        for name in STRONG
     }
     trainer.train()
     for name, param in trainer.model.named_parameters():
@@ -104,14 +107,26 @@ def test_gradient_accumulation_invariance(tmp_path, tokenizer, dataset, checkpoi
     one = make_trainer(tmp_path / "a", tokenizer, dataset, **extra)
     one.train()
     two = make_trainer(
-        tmp_path / "b", tokenizer, dataset, per_device_train_batch_size=2, gradient_accumulation_steps=2, **extra
+        tmp_path / "b",
+        tokenizer,
+        dataset,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        **extra,
     )
     two.train()
     assert_states_close(adapter_state(one), adapter_state(two))
     # The regularizer is strong enough that counting it twice per step would show far above the tolerance.
-    doubled = make_trainer(tmp_path / "c", tokenizer, dataset, kasa=KaSAConfig(r=4, regularizers={k: 2 * v for k, v in STRONG.items()}))
+    doubled = make_trainer(
+        tmp_path / "c",
+        tokenizer,
+        dataset,
+        kasa=KaSAConfig(r=4, regularizers={k: 2 * v for k, v in STRONG.items()}),
+    )
     doubled.train()
-    diff = max(float((adapter_state(one)[k] - adapter_state(doubled)[k]).abs().max()) for k in adapter_state(one))
+    diff = max(
+        float((adapter_state(one)[k] - adapter_state(doubled)[k]).abs().max()) for k in adapter_state(one)
+    )
     assert diff > 1e-3
 
 
@@ -136,7 +151,9 @@ def test_user_regularizer_moves_parameters(tmp_path, tokenizer, dataset):
         return (lora_diag - 3.0).pow(2).sum()
 
     try:
-        base = make_trainer(tmp_path / "a", tokenizer, dataset, kasa=KaSAConfig(r=4, regularizers={}), max_grad_norm=0)
+        base = make_trainer(
+            tmp_path / "a", tokenizer, dataset, kasa=KaSAConfig(r=4, regularizers={}), max_grad_norm=0
+        )
         base.train()
         pulled = make_trainer(
             tmp_path / "b",
@@ -150,7 +167,9 @@ def test_user_regularizer_moves_parameters(tmp_path, tokenizer, dataset):
         unregister_regularizer("test_diag_to_three")
 
     def mean_distance(trainer):
-        return torch.stack([(la.lora_diag - 3).abs().mean() for la in kasa_layers(trainer.model).values()]).mean()
+        return torch.stack(
+            [(la.lora_diag - 3).abs().mean() for la in kasa_layers(trainer.model).values()]
+        ).mean()
 
     assert float(mean_distance(pulled)) < float(mean_distance(base)) - 0.1
     assert "kasa/test_diag_to_three" in pulled.state.log_history[0]
@@ -185,9 +204,13 @@ def test_save_model_writes_loadable_adapter(tmp_path, tokenizer, dataset):
 def test_resume_from_checkpoint_continues_exactly(tmp_path, tokenizer, dataset):
     full = make_trainer(tmp_path / "full", tokenizer, dataset, max_steps=4)
     full.train()
-    interrupted = make_trainer(tmp_path / "run", tokenizer, dataset, max_steps=2, save_strategy="steps", save_steps=2)
+    interrupted = make_trainer(
+        tmp_path / "run", tokenizer, dataset, max_steps=2, save_strategy="steps", save_steps=2
+    )
     interrupted.train()
-    resumed = make_trainer(tmp_path / "run", tokenizer, dataset, max_steps=4, save_strategy="steps", save_steps=2)
+    resumed = make_trainer(
+        tmp_path / "run", tokenizer, dataset, max_steps=4, save_strategy="steps", save_steps=2
+    )
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
     assert_states_close(adapter_state(full), adapter_state(resumed), rtol=0, atol=0)
 
@@ -195,7 +218,9 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, tokenizer, dataset):
 def test_eval_logs_regularizers(tmp_path, tokenizer, dataset):
     trainer = make_trainer(tmp_path, tokenizer, dataset, per_device_eval_batch_size=4)
     metrics = trainer.evaluate(eval_dataset=dataset.select(range(8)))
-    assert math.isfinite(metrics["eval_kasa/singular_value_l2"]) and metrics["eval_kasa/singular_value_l2"] > 0
+    assert (
+        math.isfinite(metrics["eval_kasa/singular_value_l2"]) and metrics["eval_kasa/singular_value_l2"] > 0
+    )
 
 
 def test_bad_trainer_config(tmp_path, tokenizer, dataset):

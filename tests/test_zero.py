@@ -34,9 +34,20 @@ def _run(out: Path, *args: str, nproc: int = 1) -> dict:
     if nproc == 1:
         cmd = [sys.executable, str(WORKER)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}", str(WORKER)]
-    proc = subprocess.run([*cmd, "--out", str(out), *args], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={_free_port()}",
+            str(WORKER),
+        ]
+    proc = subprocess.run(
+        [*cmd, "--out", str(out), *args], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, (
+        f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
     return torch.load(out / "result.pt", weights_only=False)
 
 
@@ -44,7 +55,8 @@ def _relative_difference(a: dict, b: dict) -> float:
     keys = [k for k in a["adapter"] if k.rsplit(".", 1)[-1] in ADAPTER_KEYS]
     assert keys and sorted(keys) == sorted(k for k in b["adapter"] if k.rsplit(".", 1)[-1] in ADAPTER_KEYS)
     return max(
-        float((a["adapter"][k] - b["adapter"][k]).norm() / a["adapter"][k].norm().clamp(min=1e-12)) for k in keys
+        float((a["adapter"][k] - b["adapter"][k]).norm() / a["adapter"][k].norm().clamp(min=1e-12))
+        for k in keys
     )
 
 
@@ -96,7 +108,9 @@ def test_zero3_equals_single_process_and_shards_decomposition(tmp_path, single):
 
 
 def test_zero3_reentrant_checkpointing_and_resume(tmp_path, single):
-    first = _run(tmp_path, "--stage", "3", "--steps", "2", "--save_steps", "2", "--checkpointing", "reentrant", nproc=2)
+    first = _run(
+        tmp_path, "--stage", "3", "--steps", "2", "--save_steps", "2", "--checkpointing", "reentrant", nproc=2
+    )
     diff = _relative_difference(single(2), first)
     assert diff <= RTOL, f"ZeRO-3 (reentrant checkpointing) differs by {diff:.2e}"
     checkpoint = tmp_path / "checkpoint-2"

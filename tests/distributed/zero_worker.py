@@ -87,9 +87,8 @@ def main() -> None:
     if args.stage == 3:
         # The realistic path: from_pretrained under an active ZeRO-3 config partitions the weights at load
         # (deepspeed.zero.Init), so KaSA meets weights that no rank holds whole.
-        from transformers import AutoModelForCausalLM
-
         import deepspeed
+        from transformers import AutoModelForCausalLM
 
         _ = config.device  # initializes the torch process group (gloo on CPU)...
         deepspeed.init_distributed(dist_backend="gloo")  # ...which deepspeed.comm must adopt before zero.Init
@@ -132,7 +131,9 @@ def main() -> None:
         with gathered([layer.base_layer.weight]):
             truncated[name] = layer.base_layer.weight.detach().clone()
     rank = int(os.environ.get("RANK", "0"))
-    torch.save({"decomposed": len(decomposed), "truncated": truncated}, os.path.join(args.out, f"rank{rank}.pt"))
+    torch.save(
+        {"decomposed": len(decomposed), "truncated": truncated}, os.path.join(args.out, f"rank{rank}.pt")
+    )
     if trainer.args.should_save:
         torch.save(
             {
