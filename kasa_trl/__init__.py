@@ -1,39 +1,56 @@
-"""kasa_trl: KaSA (Knowledge-aware Singular-value Adaptation, ICLR 2025) for the Hugging Face training stack."""
+"""kasa_trl: KaSA (Knowledge-aware Singular-value Adaptation, ICLR 2025) for the Hugging Face training stack.
 
-from .adapter_io import load_kasa_adapter, save_kasa_adapter
-from .callbacks import SpectrumCallback
-from .config import KaSAConfig
-from .layer import KaSALinear
-from .model import apply_kasa, get_kasa_config, kasa_adapters_disabled, kasa_layers, merge_and_unload, unload
-from .regularizers import register_regularizer, registered_regularizers, unregister_regularizer
+Names are imported on first use (PEP 562), so ``import kasa_trl`` and the ``kasa-trl`` CLI's ``--help`` stay
+fast; ``from kasa_trl import KaSATrainer`` loads TRL only then.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+_EXPORTS = {
+    "KaSAConfig": "config",
+    "KaSALinear": "layer",
+    "KaSATrainer": "trainer",
+    "KaSADPOTrainer": "trainer",
+    "SpectrumCallback": "callbacks",
+    "apply_kasa": "model",
+    "get_kasa_config": "model",
+    "kasa_adapters_disabled": "model",
+    "kasa_layers": "model",
+    "load_kasa_adapter": "adapter_io",
+    "merge_and_unload": "model",
+    "register_regularizer": "regularizers",
+    "registered_regularizers": "regularizers",
+    "save_kasa_adapter": "adapter_io",
+    "unload": "model",
+    "unregister_regularizer": "regularizers",
+}
 
-def __getattr__(name: str):
-    # The trainers pull in TRL (seconds to import); load them on first use so `import kasa_trl` stays light.
-    if name in ("KaSATrainer", "KaSADPOTrainer"):
-        from . import trainer
-
-        return getattr(trainer, name)
-    raise AttributeError(f"module 'kasa_trl' has no attribute {name!r}")
+__all__ = sorted(_EXPORTS)
 
 
-__all__ = [
-    "KaSAConfig",
-    "KaSALinear",
-    "KaSATrainer",
-    "KaSADPOTrainer",
-    "SpectrumCallback",
-    "apply_kasa",
-    "get_kasa_config",
-    "kasa_adapters_disabled",
-    "kasa_layers",
-    "load_kasa_adapter",
-    "merge_and_unload",
-    "register_regularizer",
-    "registered_regularizers",
-    "save_kasa_adapter",
-    "unload",
-    "unregister_regularizer",
-]
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kasa_trl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:
+    from .adapter_io import load_kasa_adapter, save_kasa_adapter
+    from .callbacks import SpectrumCallback
+    from .config import KaSAConfig
+    from .layer import KaSALinear
+    from .model import apply_kasa, get_kasa_config, kasa_adapters_disabled, kasa_layers, merge_and_unload, unload
+    from .regularizers import register_regularizer, registered_regularizers, unregister_regularizer
+    from .trainer import KaSADPOTrainer, KaSATrainer

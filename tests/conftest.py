@@ -5,6 +5,9 @@ from kasa_trl.tiny import build_tiny_gpt2, build_tiny_llama
 
 VOCAB = 97
 
+# The tests run tiny models: a second thread only adds synchronization (and contention on a shared 2-core box).
+torch.set_num_threads(1)
+
 
 @pytest.fixture
 def tiny_llama():

@@ -1,0 +1,292 @@
+"""PEFT's KaSA variant (``LoraConfig(kasa_config=KasaConfig(beta, gamma))``, peft >= 0.21) in and out of kasa_trl.
+
+PEFT stores ``lora_A``, ``lora_B`` and ``lora_diag`` only and re-runs an fp32 SVD of each target weight when it
+loads an adapter. kasa_trl keeps the removed factors with the adapter, so:
+
+- ``import_peft_kasa`` computes the truncation on the untouched base with kasa_trl's decomposition (float64), then
+  copies PEFT's factors: the result matches PEFT's outputs up to the two decompositions' rounding.
+- ``export_peft_kasa`` writes the factors in PEFT's format; PEFT redoes the truncation on load. PEFT always removes
+  exactly ``r`` components of an ``nn.Linear`` weight (the paper's truncation), so adapters on ``Conv1D`` or
+  with fewer removed components cannot be expressed: use ``export_lora`` for those.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kasa_trl.adapter_io import ADAPTER_FILE
+from kasa_trl.config import KaSAConfig
+from kasa_trl.model import apply_kasa, base_weight, kasa_layers
+
+from ._peft_format import (
+    CONFIG_NAME,
+    KEY_PREFIX,
+    WEIGHTS_NAME,
+    lora_config_dict,
+    split_key,
+    write_peft_adapter,
+)
+from ._source import check_not_source, read_kasa_source
+from .atomic import atomic_output_dir, check_output_dir
+
+# kasa_trl regularizer names for PEFT's KasaConfig coefficients (both use the paper's sum over layers).
+BETA_REGULARIZER = "singular_value_l2"
+GAMMA_REGULARIZER = "orthogonality"
+
+
+def import_peft_kasa(
+    model: nn.Module,
+    peft_adapter: str | os.PathLike | nn.Module,
+    *,
+    adapter_name: str | None = None,
+    base_mode: str = "in_place",
+    decomposition_method: str = "auto",
+) -> nn.Module:
+    """Rebuild a PEFT KaSA adapter as kasa_trl KaSA layers on ``model``, an untouched copy of its base.
+
+    Args:
+        model: the ORIGINAL base model (not a ``PeftModel``, no KaSA layers); adapted in place and returned.
+        peft_adapter: a directory written by ``PeftModel.save_pretrained``, or a live ``PeftModel`` whose
+            adapter is read (its own base, already truncated by PEFT, is not used).
+        adapter_name: which adapter of a live ``PeftModel`` (default: its active adapter); ignored for a directory.
+        base_mode: kasa_trl's ``base_mode`` for the new layers.
+        decomposition_method: kasa_trl's ``decomposition_method`` for the truncation.
+
+    The config maps ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora`` and the adapted modules;
+    ``KasaConfig(beta, gamma)`` becomes ``regularizers={"singular_value_l2": beta, "orthogonality": gamma}``
+    with the ``sum`` reduction, as in PEFT's ``_get_kasa_loss``.
+    """
+    if model is peft_adapter or getattr(getattr(peft_adapter, "base_model", None), "model", None) is model:
+        raise ValueError(
+            "model is the PeftModel's own base, which PEFT has already truncated; pass a fresh copy of the base model"
+        )
+    if hasattr(model, "peft_config"):
+        raise ValueError(
+            "model is a PeftModel; pass the untouched base model (e.g. a fresh from_pretrained copy)"
+        )
+    if kasa_layers(model):
+        raise ValueError("model already carries KaSA layers; import onto a fresh base model")
+    peft_config, state = _read_peft_kasa(peft_adapter, adapter_name)
+    layers = _group_layers(state, r=peft_config["r"])
+    for name, tensors in layers.items():
+        _check_target(model, name, tensors)
+    kasa = peft_config["kasa_config"]
+    config = KaSAConfig(
+        r=peft_config["r"],
+        lora_alpha=peft_config["lora_alpha"],
+        lora_dropout=float(peft_config.get("lora_dropout") or 0.0),
+        target_modules=sorted(layers),
+        use_rslora=bool(peft_config.get("use_rslora", False)),
+        base_mode=base_mode,
+        truncation="paper",
+        decomposition_method=decomposition_method,
+        regularizers={
+            BETA_REGULARIZER: float(kasa.get("beta", 1e-4)),
+            GAMMA_REGULARIZER: float(kasa.get("gamma", 1e-3)),
+        },
+        regularizer_reduction="sum",
+    )
+    apply_kasa(model, config)
+    with torch.no_grad():
+        for name, layer in kasa_layers(model).items():
+            for key, param in layer.adapter_params().items():
+                param.copy_(layers[name][key])
+    return model
+
+
+def export_peft_kasa(
+    model_or_adapter_dir: str | os.PathLike | nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = "CAUSAL_LM",
+    overwrite: bool = False,
+) -> Path:
+    """Write a kasa_trl adapter in PEFT's KaSA format: ``PeftModel.from_pretrained(fresh_base, out_dir)`` (peft >= 0.21)
+    gives kasa_trl's outputs, up to PEFT's fp32 re-decomposition.
+
+    Older PEFT releases do not know ``kasa_config``: they drop it with a warning and load a plain LoRA, which
+    computes something else. Check ``peft.__version__ >= "0.21"`` where the adapter is loaded.
+
+    Raises:
+        ValueError: a target is ``Conv1D`` (PEFT's KaSA rejects ``fan_in_fan_out`` layers), or a layer removes
+            other than ``r`` components (``truncation="official"`` on a wide weight): PEFT could not reproduce
+            it. ``export_lora`` handles both.
+    """
+    check_output_dir(out_dir, overwrite=overwrite)
+    source = read_kasa_source(model_or_adapter_dir, base_model_name_or_path)
+    check_not_source(out_dir, source)
+    config = source.config
+    conv1d = sorted(name for name, is_conv in (source.conv1d or {}).items() if is_conv)
+    if conv1d:
+        raise ValueError(
+            f"PEFT's KaSA supports nn.Linear targets only, but {conv1d[0]} (and {len(conv1d) - 1} more) is a "
+            "transformers Conv1D (GPT-2 family); use integrations.peft.export_lora for an exact plain-LoRA export"
+        )
+    for name, tensors in source.layers.items():
+        n = tensors["removed_left"].shape[1]
+        if n != config.r:
+            raise ValueError(
+                f"{name} had {n} singular components removed (truncation={config.truncation!r}) but PEFT's KaSA "
+                f"always removes r={config.r}, so PEFT would compute something else; use "
+                "integrations.peft.export_lora for an exact plain-LoRA export"
+            )
+    weights = dict(config.regularizers)
+    beta, gamma = weights.pop(BETA_REGULARIZER, 0.0), weights.pop(GAMMA_REGULARIZER, 0.0)
+    if weights or config.regularizer_reduction != "sum":
+        warnings.warn(
+            f"PEFT's KasaConfig holds only beta ({BETA_REGULARIZER}) and gamma ({GAMMA_REGULARIZER}) summed over "
+            f"layers; regularizers {sorted(weights)} and reduction={config.regularizer_reduction!r} are not exported",
+            stacklevel=2,
+        )
+    tensors = {}
+    for name, t in source.layers.items():
+        for key, suffix in (
+            ("lora_A", "lora_A.weight"),
+            ("lora_B", "lora_B.weight"),
+            ("lora_diag", "lora_diag"),
+        ):
+            tensors[f"{KEY_PREFIX}{name}.{suffix}"] = t[key]
+    peft_config = lora_config_dict(
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        # Full names: PEFT's truncation is destructive, so it must touch exactly the adapted modules.
+        target_modules=sorted(source.layers),
+        base_model_name_or_path=source.base_model_name_or_path,
+        task_type=task_type,
+        lora_dropout=config.lora_dropout,
+        use_rslora=config.use_rslora,
+        kasa_config={"beta": beta, "gamma": gamma},
+    )
+    provenance = {"export": "peft_kasa", "kasa_config": config.to_dict()}
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        write_peft_adapter(tmp, peft_config, tensors, provenance)
+    return Path(out_dir)
+
+
+def _read_peft_kasa(
+    source: str | os.PathLike | nn.Module, adapter_name: str | None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The adapter config (a dict) and the state dict (PEFT's saved keys) of a PEFT KaSA adapter."""
+    if isinstance(source, nn.Module):
+        config, state = _from_peft_model(source, adapter_name)
+        where = f"PeftModel adapter {adapter_name or 'active'}"
+    else:
+        config, state = _from_directory(Path(source))
+        where = str(source)
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{where} is a {config.get('peft_type')} adapter, not a LoRA/KaSA one")
+    if not config.get("kasa_config"):
+        raise ValueError(
+            f"{where} is a plain LoRA adapter (no kasa_config); load it with peft.PeftModel.from_pretrained instead"
+        )
+    unsupported = {
+        "rank_pattern": "per-module ranks",
+        "alpha_pattern": "per-module alphas",
+        "modules_to_save": "fully trained modules",
+        "use_dora": "DoRA",
+        "lora_bias": "LoRA biases",
+        "layer_replication": "layer replication",
+    }
+    for key, what in unsupported.items():
+        if config.get(key):
+            raise ValueError(
+                f"{where} uses {what} ({key}={config[key]!r}), which kasa_trl's KaSA layers do not support"
+            )
+    return config, state
+
+
+def _from_directory(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        hint = (
+            " (it holds a kasa_trl adapter: use kasa_trl.load_kasa_adapter)"
+            if (directory / ADAPTER_FILE).is_file()
+            else ""
+        )
+        raise FileNotFoundError(f"no PEFT adapter at {directory}: {CONFIG_NAME} is missing{hint}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path} is not valid JSON ({e})") from e
+    if (directory / WEIGHTS_NAME).is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(directory / WEIGHTS_NAME))
+    elif (directory / "adapter_model.bin").is_file():
+        state = torch.load(directory / "adapter_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"no adapter weights at {directory}: {WEIGHTS_NAME} is missing")
+    return config, state
+
+
+def _from_peft_model(
+    model: nn.Module, adapter_name: str | None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    from peft import get_peft_model_state_dict
+
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):
+        raise TypeError(f"expected a PEFT adapter directory or a PeftModel, got {type(model).__name__}")
+    name = adapter_name or model.active_adapter
+    if name not in configs:
+        raise ValueError(f"PeftModel has no adapter {name!r}; it has {sorted(configs)}")
+    config = configs[name].to_dict()
+    kasa = config.get("kasa_config")
+    if kasa is not None and not isinstance(kasa, dict):
+        config["kasa_config"] = {"beta": kasa.beta, "gamma": kasa.gamma}
+    state = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    return config, state
+
+
+def _group_layers(state: dict[str, torch.Tensor], *, r: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Per module, ``lora_A`` (r, in), ``lora_B`` (out, r), ``lora_diag`` (r,), checked complete and consistent."""
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        parts = split_key(key)
+        if parts is None:
+            raise ValueError(
+                f"unsupported tensor {key!r} in the PEFT adapter: only KaSA lora_A/lora_B/lora_diag are"
+            )
+        module, param = parts
+        layers.setdefault(module, {})[param] = tensor
+    if not layers:
+        raise ValueError("the PEFT adapter holds no LoRA tensors")
+    for module, tensors in layers.items():
+        missing = sorted({"lora_A", "lora_B", "lora_diag"} - set(tensors))
+        if missing:
+            raise ValueError(f"the PEFT adapter lacks {missing} for {module}; is it a KaSA adapter?")
+        if (
+            tensors["lora_A"].shape[0] != r
+            or tensors["lora_B"].shape[1] != r
+            or tuple(tensors["lora_diag"].shape) != (r,)
+        ):
+            raise ValueError(
+                f"{module}: lora_A {tuple(tensors['lora_A'].shape)}, lora_B {tuple(tensors['lora_B'].shape)}, "
+                f"lora_diag {tuple(tensors['lora_diag'].shape)} do not match r={r} of the adapter config"
+            )
+    return layers
+
+
+def _check_target(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(
+            f"the PEFT adapter targets {name}, which {type(model).__name__} does not have; pass its base model"
+        ) from None
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"{name} is a {type(module).__name__}; PEFT's KaSA adapts nn.Linear layers only")
+    shape = (tensors["lora_B"].shape[0], tensors["lora_A"].shape[1])
+    if tuple(base_weight(module).shape) != shape:
+        raise ValueError(
+            f"{name} is {tuple(base_weight(module).shape)} (out, in) but the PEFT adapter was trained on a {shape} "
+            "weight; pass its base model"
+        )

@@ -1,0 +1,404 @@
+"""``kasa-trl``: export, merge and inspect KaSA adapters from the command line.
+
+    kasa-trl export-lora ADAPTER_DIR OUT_DIR [--base MODEL] [--pad-to-rank N|vllm] [--dtype D] [--overwrite]
+    kasa-trl export-peft-kasa ADAPTER_DIR OUT_DIR [--base MODEL] [--overwrite]
+    kasa-trl merge ADAPTER_DIR OUT_DIR --base MODEL [--dtype D] [--overwrite]
+    kasa-trl inspect ADAPTER_DIR [--json] [--png PATH] [--top K]
+
+Exit codes: 0 success, 1 unexpected failure, 2 bad usage or bad input (missing or wrong adapter, wrong base,
+non-empty output directory). Errors print one ``kasa-trl: error: ...`` line, no traceback (set
+``KASA_TRL_DEBUG=1`` for one). Outputs are written into a temporary sibling directory and renamed into place at
+the end, so OUT_DIR is either complete or untouched. torch and transformers are imported inside the commands,
+so ``--help`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+PROG = "kasa-trl"
+EXIT_FAILURE, EXIT_USAGE = 1, 2
+# kasa_trl.adapter_io.ADAPTER_FILE, spelled out so that checking inputs imports no torch (tests keep them equal).
+_ADAPTER_FILE = "kasa_adapter.safetensors"
+_DTYPES = ("float32", "bfloat16", "float16")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported without a traceback, exit code 2."""
+
+
+# Library errors that mean "the input is wrong", not "kasa_trl is broken".
+_BAD_INPUT = (UsageError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (the console script passes it to ``sys.exit``)."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except _BAD_INPUT as e:
+        _error(str(e))
+        return EXIT_USAGE
+    except Exception as e:
+        if os.environ.get("KASA_TRL_DEBUG"):
+            raise
+        _error(f"{type(e).__name__}: {e} (set KASA_TRL_DEBUG=1 for a traceback)")
+        return EXIT_FAILURE
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Export, merge and inspect KaSA adapters (kasa_trl).", allow_abbrev=False
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    export = commands.add_parser(
+        "export-lora",
+        help="write an exact vanilla PEFT LoRA adapter (rank r + n) for the ORIGINAL base: PEFT, vLLM, TGI",
+        description="Write a standard PEFT LoRA adapter equivalent to the KaSA adapter, on the untouched base.",
+    )
+    _add_io_args(export)
+    export.add_argument(
+        "--base", metavar="MODEL", help="base model name/path recorded in the config (and checked if local)"
+    )
+    export.add_argument(
+        "--pad-to-rank",
+        metavar="N|vllm",
+        type=_rank_arg,
+        help="zero-pad the LoRA to rank N (>= r + n), or 'vllm' for the smallest rank vLLM's --max-lora-rank accepts",
+    )
+    export.add_argument("--dtype", choices=_DTYPES, default="float32", help="dtype of the exported factors")
+    export.set_defaults(run=_export_lora)
+
+    peft_kasa = commands.add_parser(
+        "export-peft-kasa",
+        help="write the adapter in PEFT's KaSA format (peft >= 0.21; Linear targets, paper truncation)",
+        description="Write the adapter as PEFT's KaSA variant; PEFT re-runs the SVD truncation when loading it.",
+    )
+    _add_io_args(peft_kasa)
+    peft_kasa.add_argument(
+        "--base", metavar="MODEL", help="base model name/path recorded in the config (and checked if local)"
+    )
+    peft_kasa.set_defaults(run=_export_peft_kasa)
+
+    merge = commands.add_parser(
+        "merge",
+        help="fold the adapter into the base weights and save a plain transformers model",
+        description="Load MODEL, apply the adapter, merge it (W_trunc + dW) and save_pretrained the result, "
+        "with the tokenizer if one is found (adapter directory first, then MODEL).",
+    )
+    _add_io_args(merge)
+    merge.add_argument(
+        "--base", metavar="MODEL", required=True, help="the base model the adapter was trained on"
+    )
+    merge.add_argument(
+        "--dtype", choices=("auto", *_DTYPES), default="auto", help="dtype to load the base in"
+    )
+    merge.set_defaults(run=_merge)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="per-layer spectra and orthogonality of an adapter (reads the adapter file only)",
+        description="Per layer: rank r, removed components n, |lora_diag| min/mean/max, the largest singular "
+        "values of dW = s B diag(sigma) A, the orthogonality errors ||A A^T - I||_F and ||B^T B - I||_F, "
+        "||dW||_F and ||R||_F (the removed part).",
+    )
+    inspect.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a kasa_trl adapter directory")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.add_argument(
+        "--png", metavar="PATH", help="also save a picture of the spectra (needs matplotlib)"
+    )
+    inspect.add_argument(
+        "--top", metavar="K", type=_positive_int, default=3, help="singular values of dW to show"
+    )
+    inspect.set_defaults(run=_inspect)
+    return parser
+
+
+def _add_io_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a kasa_trl adapter directory")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="output directory (must not exist or be empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+
+
+# --- commands ---------------------------------------------------------------------------------------------
+
+
+def _export_lora(args: argparse.Namespace) -> None:
+    adapter, out = (
+        _check_adapter_dir(args.adapter_dir),
+        _check_out_dir(args.out_dir, args.overwrite, args.adapter_dir),
+    )
+    import torch
+
+    peft_integration = _peft_integration()
+    peft_integration.export_lora(
+        adapter,
+        out,
+        base_model_name_or_path=args.base,
+        pad_to_rank=args.pad_to_rank,
+        dtype=getattr(torch, args.dtype),
+        overwrite=args.overwrite,
+    )
+    config = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
+    rank = config["r"]
+    vllm_rank = next((v for v in peft_integration.VLLM_MAX_LORA_RANKS if v >= rank), None)
+    print(f"wrote a rank-{rank} LoRA adapter for the ORIGINAL base to {out}")
+    if vllm_rank is not None:
+        print(f"vLLM: vllm serve BASE --enable-lora --max-lora-rank {vllm_rank} --lora-modules NAME={out}")
+
+
+def _export_peft_kasa(args: argparse.Namespace) -> None:
+    adapter, out = (
+        _check_adapter_dir(args.adapter_dir),
+        _check_out_dir(args.out_dir, args.overwrite, args.adapter_dir),
+    )
+    _peft_integration().export_peft_kasa(
+        adapter, out, base_model_name_or_path=args.base, overwrite=args.overwrite
+    )
+    print(
+        f"wrote a PEFT KaSA adapter to {out}; load it with peft.PeftModel.from_pretrained(base, {str(out)!r})"
+    )
+
+
+def _merge(args: argparse.Namespace) -> None:
+    adapter, out = (
+        _check_adapter_dir(args.adapter_dir),
+        _check_out_dir(args.out_dir, args.overwrite, args.adapter_dir),
+    )
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kasa_trl import kasa_layers, load_kasa_adapter, merge_and_unload
+
+    atomic_output_dir = _peft_integration().atomic_output_dir
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    if not os.path.isdir(args.base) and (os.sep in args.base or args.base.startswith(".")):
+        raise UsageError(f"base model directory {args.base} does not exist")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load base model {args.base!r}: {e}") from e
+    load_kasa_adapter(model, adapter)
+    n_layers = len(kasa_layers(model))
+    merge_and_unload(model)
+    tokenizer = _find_tokenizer(adapter, args.base)
+    with atomic_output_dir(out, overwrite=args.overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    note = "" if tokenizer is not None else " (no tokenizer found to copy)"
+    print(f"merged {n_layers} KaSA layers into {args.base} and saved the model to {out}{note}")
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    adapter = _check_adapter_dir(args.adapter_dir)
+    from kasa_trl.adapter_io import read_adapter
+
+    config, per_layer = read_adapter(adapter)
+    stats = [layer_stats(name, tensors, config.scaling, top=args.top) for name, tensors in per_layer.items()]
+    if args.json:
+        report = {"adapter": str(adapter), "config": config.to_dict(), "layers": stats}
+        print(json.dumps(report, indent=2))
+    else:
+        print(
+            f"{adapter}: {len(stats)} KaSA layers, r={config.r}, lora_alpha={config.lora_alpha}, "
+            f"scaling={config.scaling:g}, base_mode={config.base_mode}, truncation={config.truncation}"
+        )
+        print(_format_table(stats))
+    if args.png:
+        _plot(stats, Path(args.png))
+        if not args.json:
+            print(f"saved {args.png}")
+
+
+# --- helpers ----------------------------------------------------------------------------------------------
+
+
+def layer_stats(name: str, tensors: dict[str, Any], scaling: float, *, top: int = 3) -> dict[str, Any]:
+    """One layer's spectra and orthogonality, from its saved tensors (no base model needed)."""
+    import torch
+
+    from kasa_trl.decomposition import factor_singular_values, orthogonality_error
+
+    A, B, diag = (tensors[k].to(torch.float64) for k in ("lora_A", "lora_B", "lora_diag"))
+    spectrum = factor_singular_values(scaling * B * diag, A).to(torch.float64)  # singular values of dW
+    err_A, err_B = orthogonality_error(A, B)
+    magnitude = diag.abs()
+    return {
+        "layer": name,
+        "r": int(A.shape[0]),
+        "n_removed": int(tensors["removed_left"].shape[1]),
+        "abs_diag_min": float(magnitude.min()),
+        "abs_diag_mean": float(magnitude.mean()),
+        "abs_diag_max": float(magnitude.max()),
+        "delta_singular_values": [float(v) for v in spectrum[:top]],
+        "orthogonality_error_A": float(err_A),
+        "orthogonality_error_B": float(err_B),
+        "delta_norm": float(torch.linalg.vector_norm(spectrum)),
+        # right has orthonormal rows, so ||R||_F = ||left @ right||_F = ||left||_F.
+        "removed_norm": float(torch.linalg.matrix_norm(tensors["removed_left"].to(torch.float64))),
+    }
+
+
+def _format_table(stats: list[dict[str, Any]]) -> str:
+    header = [
+        "layer",
+        "r",
+        "n",
+        "|diag| min/mean/max",
+        "dW top singular values",
+        "orth A",
+        "orth B",
+        "||dW||_F",
+        "||R||_F",
+    ]
+    rows = [
+        [
+            s["layer"],
+            str(s["r"]),
+            str(s["n_removed"]),
+            f"{s['abs_diag_min']:.3g}/{s['abs_diag_mean']:.3g}/{s['abs_diag_max']:.3g}",
+            " ".join(f"{v:.3g}" for v in s["delta_singular_values"]),
+            f"{s['orthogonality_error_A']:.3g}",
+            f"{s['orthogonality_error_B']:.3g}",
+            f"{s['delta_norm']:.3g}",
+            f"{s['removed_norm']:.3g}",
+        ]
+        for s in stats
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in [header, *rows]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _plot(stats: list[dict[str, Any]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise UsageError("--png needs matplotlib: pip install 'kasa_trl[plots]'") from e
+    if path.parent and not path.parent.is_dir():
+        raise UsageError(f"cannot write {path}: directory {path.parent} does not exist")
+    index = range(len(stats))
+    fig, (spectra, errors) = plt.subplots(1, 2, figsize=(12, 4), constrained_layout=True)
+    spectra.plot(index, [s["delta_norm"] for s in stats], "o-", label="||dW||_F")
+    spectra.plot(
+        index, [s["delta_singular_values"][0] for s in stats], ".--", label="largest singular value of dW"
+    )
+    spectra.plot(index, [s["abs_diag_max"] for s in stats], "x:", label="max |lora_diag|")
+    spectra.plot(index, [s["removed_norm"] for s in stats], "s-", alpha=0.5, label="||R||_F (removed)")
+    spectra.set(xlabel="KaSA layer", ylabel="magnitude", title="update and removed spectra", yscale="log")
+    spectra.legend(fontsize="small")
+    errors.plot(index, [s["orthogonality_error_A"] for s in stats], "o-", label="||A A^T - I||_F")
+    errors.plot(index, [s["orthogonality_error_B"] for s in stats], "x-", label="||B^T B - I||_F")
+    errors.set(xlabel="KaSA layer", title="orthogonality errors")
+    errors.legend(fontsize="small")
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def _peft_integration():
+    try:
+        import integrations.peft
+    except ModuleNotFoundError as e:
+        raise UsageError(
+            f"this command needs the integrations.peft package shipped with kasa_trl, which is not importable ({e}); "
+            "run from the kasa_trl repository or reinstall kasa_trl"
+        ) from e
+    return integrations.peft
+
+
+def _find_tokenizer(adapter: Path, base: str):
+    """The tokenizer saved with the adapter, else the base's; ``None`` if neither has one."""
+    from transformers import AutoTokenizer
+
+    for source in (str(adapter), base):
+        if os.path.isdir(source) and not any(
+            os.path.isfile(os.path.join(source, f)) for f in _TOKENIZER_FILES
+        ):
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError, KeyError):
+            continue
+    return None
+
+
+def _check_adapter_dir(path: str) -> Path:
+    directory = Path(path)
+    if not directory.exists():
+        raise UsageError(f"adapter directory {directory} does not exist")
+    if not directory.is_dir():
+        raise UsageError(f"{directory} is not a directory; pass a kasa_trl adapter directory")
+    if not (directory / _ADAPTER_FILE).is_file():
+        hint = (
+            "; it holds a PEFT adapter (adapter_config.json): load it with peft, or import a PEFT KaSA adapter "
+            "with integrations.peft.import_peft_kasa"
+            if (directory / "adapter_config.json").is_file()
+            else ""
+        )
+        raise UsageError(
+            f"{directory} is not a kasa_trl adapter directory ({_ADAPTER_FILE} is missing){hint}"
+        )
+    return directory
+
+
+def _check_out_dir(path: str, overwrite: bool, adapter_dir: str) -> Path:
+    out = Path(path)
+    if out.resolve() == Path(adapter_dir).resolve():
+        raise UsageError(f"OUT_DIR {out} is the adapter directory itself; choose another one")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"OUT_DIR {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"OUT_DIR {out} exists and is not empty; choose a new directory or pass --overwrite")
+    return out
+
+
+def _rank_arg(value: str) -> int | str:
+    if value == "vllm":
+        return value
+    return _positive_int(value)
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
