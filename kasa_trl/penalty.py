@@ -87,6 +87,8 @@ class PenaltySession:
     def finish(self, loss: torch.Tensor) -> torch.Tensor:
         """``loss`` + k * (penalty value, detached) + a zero probe that reads lambda at the start of backward."""
         total = self.total()
+        if total is not None and not torch.isfinite(total):
+            raise FloatingPointError(self._non_finite_message())
         if total is not None:
             loss = loss + self.micro_batch_factor * total.to(loss.device, loss.dtype)
         # Even with nothing charged yet: reentrant checkpointing charges in its recomputation, during backward.
@@ -114,6 +116,20 @@ class PenaltySession:
         if not values:
             return None
         return sum(self.weights[name] * value for name, value in values.items())
+
+    def _non_finite_message(self) -> str:
+        bad = [
+            f"{layer}: {name}={float(value)}"
+            for layer, terms in self._values.items()
+            for name, value in terms.items()
+            if not torch.isfinite(value)
+        ]
+        return (
+            f"KaSA regularizer value is not finite ({'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}); "
+            "training stopped before the adapter is corrupted. The adapter factors have diverged: lower the "
+            "learning rate or the regularizer weights, enable gradient clipping (max_grad_norm), and resume from "
+            "the last checkpoint"
+        )
 
     def gradient_coefficient(self) -> float:
         if self._grad_scale is None:

@@ -110,3 +110,15 @@ def test_backward_without_finish_is_a_clear_error(input_ids):
     session.begin()
     with pytest.raises(RuntimeError, match="return PenaltySession.finish"):
         model(input_ids, labels=input_ids).loss.backward()
+
+
+def test_non_finite_regularizer_stops_with_a_clear_message(input_ids):
+    model = _model()
+    layer = next(iter(kasa_layers(model).values()))
+    with torch.no_grad():
+        layer.lora_diag[0] = float("inf")
+    session = attach_penalties(model, WEIGHTS)
+    session.begin()
+    loss = model(input_ids, labels=input_ids).loss
+    with pytest.raises(FloatingPointError, match=r"singular_value_l2=inf.*lower the learning rate"):
+        session.finish(loss)
