@@ -19,6 +19,8 @@ _EXPORTS = {
     "SpectrumCallback": "callbacks",
     "apply_kasa": "model",
     "get_kasa_config": "model",
+    "is_complete_checkpoint": "checkpoint",
+    "last_complete_checkpoint": "checkpoint",
     "kasa_adapters_disabled": "model",
     "kasa_layers": "model",
     "load_kasa_adapter": "adapter_io",
@@ -49,6 +51,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from .adapter_io import load_kasa_adapter, save_kasa_adapter
     from .callbacks import SpectrumCallback
+    from .checkpoint import is_complete_checkpoint, last_complete_checkpoint
     from .config import KaSAConfig
     from .layer import KaSALinear
     from .model import apply_kasa, get_kasa_config, kasa_adapters_disabled, kasa_layers, merge_and_unload, unload

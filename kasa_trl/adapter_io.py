@@ -73,6 +73,9 @@ def write_adapter(
         "kasa_config": json.dumps(config.to_dict(), sort_keys=True),
         "layers": json.dumps(layers),
     }
+    # Temporary files left by a save that was killed mid-write (never a complete adapter).
+    for stale in directory.glob(f".{ADAPTER_FILE}.*.tmp"):
+        stale.unlink(missing_ok=True)
     _atomic_write(directory / ADAPTER_FILE, lambda path: save_file(tensors, str(path), metadata=metadata))
     _atomic_write(
         directory / CONFIG_FILE,

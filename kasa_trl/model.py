@@ -207,7 +207,7 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 def _check_supported(name: str, module: nn.Module) -> None:
     if not isinstance(module, SUPPORTED_BASE_LAYERS):
         raise TypeError(
-            f"{name} is a {type(module).__name__}, which KaSA cannot wrap: supported are nn.Linear and "
+            f"{name} is {_article(type(module).__name__)} {type(module).__name__}, which KaSA cannot wrap: supported are nn.Linear and "
             "transformers' Conv1D. Narrow target_modules or add it to exclude_modules"
         )
     weight = module.weight
@@ -217,6 +217,10 @@ def _check_supported(name: str, module: nn.Module) -> None:
             "quantized or packed weights are not supported; load the base in fp32/bf16/fp16 "
             "or exclude this module"
         )
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def _check_finite_weight(name: str, weight: torch.Tensor) -> None:

@@ -128,7 +128,7 @@ class PenaltySession:
             f"KaSA regularizer value is not finite ({'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}); "
             "training stopped before the adapter is corrupted. The adapter factors have diverged: lower the "
             "learning rate or the regularizer weights, enable gradient clipping (max_grad_norm), and resume from "
-            "the last checkpoint"
+            "the last complete checkpoint (kasa_trl.last_complete_checkpoint(output_dir))"
         )
 
     def gradient_coefficient(self) -> float:
