@@ -15,7 +15,7 @@ _EXPORTS = {
     "KaSAConfig": "config",
     "KaSALinear": "layer",
     "KaSATrainer": "trainer",
-    "KaSADPOTrainer": "trainer",
+    "KaSADPOTrainer": "dpo_trainer",
     "SpectrumCallback": "callbacks",
     "apply_kasa": "model",
     "get_kasa_config": "model",
@@ -32,7 +32,26 @@ _EXPORTS = {
     "unregister_regularizer": "regularizers",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "KaSAConfig",
+    "KaSADPOTrainer",
+    "KaSALinear",
+    "KaSATrainer",
+    "SpectrumCallback",
+    "apply_kasa",
+    "get_kasa_config",
+    "is_complete_checkpoint",
+    "kasa_adapters_disabled",
+    "kasa_layers",
+    "last_complete_checkpoint",
+    "load_kasa_adapter",
+    "merge_and_unload",
+    "register_regularizer",
+    "registered_regularizers",
+    "save_kasa_adapter",
+    "unload",
+    "unregister_regularizer",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -53,7 +72,15 @@ if TYPE_CHECKING:
     from .callbacks import SpectrumCallback
     from .checkpoint import is_complete_checkpoint, last_complete_checkpoint
     from .config import KaSAConfig
+    from .dpo_trainer import KaSADPOTrainer
     from .layer import KaSALinear
-    from .model import apply_kasa, get_kasa_config, kasa_adapters_disabled, kasa_layers, merge_and_unload, unload
+    from .model import (
+        apply_kasa,
+        get_kasa_config,
+        kasa_adapters_disabled,
+        kasa_layers,
+        merge_and_unload,
+        unload,
+    )
     from .regularizers import register_regularizer, registered_regularizers, unregister_regularizer
-    from .trainer import KaSADPOTrainer, KaSATrainer
+    from .trainer import KaSATrainer

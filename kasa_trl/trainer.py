@@ -1,4 +1,4 @@
-"""``KaSATrainer`` (SFT) and ``KaSADPOTrainer``: TRL's trainers plus the KaSA regularizers.
+"""``KaSATrainer`` (SFT) and the mixin the KaSA trainers share: TRL's trainers plus the KaSA regularizers.
 
 The glue is thin: a mixin applies KaSA to the model (unless it already carries KaSA layers), installs the
 regularizer ``PenaltySession`` (see ``penalty``), and overrides ``compute_loss`` (charge the regularizers, log
@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from trl import DPOTrainer, SFTTrainer
+from transformers.trainer_utils import TrainOutput
+from trl import SFTTrainer
 
 from .adapter_io import layer_tensors, read_adapter, write_adapter
+from .checkpoint import last_complete_checkpoint
 from .config import KaSAConfig
 from .model import apply_kasa, get_kasa_config, kasa_layers
 from .penalty import PenaltySession, attach_penalties
@@ -35,11 +37,12 @@ def kasa_config_from_peft(peft_config: Any) -> KaSAConfig:
             "pass kasa_config=KaSAConfig(...) instead"
         )
     targets = peft_config.target_modules
+    targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else (targets or "all-linear")
     return KaSAConfig(
         r=peft_config.r,
         lora_alpha=peft_config.lora_alpha,
         lora_dropout=peft_config.lora_dropout,
-        target_modules=sorted(targets) if isinstance(targets, (set, list, tuple)) else (targets or "all-linear"),
+        target_modules=targets,
         exclude_modules=peft_config.exclude_modules,
         use_rslora=peft_config.use_rslora,
         regularizers={"singular_value_l2": kasa.beta, "orthogonality": kasa.gamma},
@@ -61,9 +64,9 @@ class KaSATrainerMixin:
             raise TypeError(f"kasa_config must be a kasa_trl.KaSAConfig, got {type(kasa_config).__name__}")
         return kasa_config
 
-    def _kasa_setup(self, kasa_config: KaSAConfig | None) -> None:
-        """After the TRL constructor: adapt ``self.model`` and install the regularizers."""
-        model = self.model
+    @staticmethod
+    def _kasa_adapt(model: nn.Module, kasa_config: KaSAConfig | None) -> KaSAConfig:
+        """Apply KaSA to ``model`` unless it already carries KaSA layers; return the config it is adapted with."""
         if kasa_layers(model):
             existing = get_kasa_config(model)
             if kasa_config is not None and kasa_config != existing:
@@ -71,10 +74,15 @@ class KaSATrainerMixin:
                     "the model already carries KaSA layers with a different KaSAConfig; drop kasa_config or "
                     "start from an untouched base model"
                 )
-            self.kasa_config = existing
-        else:
-            self.kasa_config = kasa_config if kasa_config is not None else KaSAConfig()
-            apply_kasa(model, self.kasa_config)
+            return existing
+        config = kasa_config if kasa_config is not None else KaSAConfig()
+        apply_kasa(model, config)
+        return config
+
+    def _kasa_setup(self, kasa_config: KaSAConfig | None) -> None:
+        """After the TRL constructor: adapt ``self.model`` (if not done yet) and install the regularizers."""
+        model = self.model
+        self.kasa_config = self._kasa_adapt(model, kasa_config)
         if self.args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
             # The base is frozen: reentrant checkpointing needs inputs that require grad to reach the adapters.
             model.enable_input_require_grads()
@@ -141,10 +149,37 @@ class KaSATrainerMixin:
                 tensors.update(layer_tensors(name, layer))
         return tensors
 
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+    ) -> TrainOutput:
+        """As ``Trainer.train``; ``resume_from_checkpoint=True`` takes the newest COMPLETE checkpoint
+        (transformers' ``get_last_checkpoint`` takes the highest number even if its save was cut short)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(
+                self.args.output_dir, require_optimizer=not self.args.save_only_model
+            )
+            if resume_from_checkpoint is None:
+                raise ValueError(
+                    f"no complete checkpoint to resume from in {self.args.output_dir} (skipped ones are logged); "
+                    "pass resume_from_checkpoint=None to start over"
+                )
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write the KaSA adapter (not the full model) plus the tokenizer and training arguments."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         tensors = self.kasa_adapter_tensors()
+        # Every rank holds the same gathered tensors, so under ZeRO-3 all ranks raise together.
+        bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise FloatingPointError(
+                f"KaSA adapter holds non-finite values ({', '.join(bad[:5])}); not saving it to {output_dir}. The "
+                "adapter factors have diverged: lower the learning rate or the regularizer weights, enable "
+                "max_grad_norm, and resume from kasa_trl.last_complete_checkpoint(output_dir)"
+            )
         if self.args.should_save:
             write_adapter(output_dir, tensors, self.kasa_config)
             if self.processing_class is not None:

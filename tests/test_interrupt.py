@@ -202,12 +202,6 @@ def test_sigkill_during_a_checkpoint_save(killed_runs, reference, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=FileNotFoundError,
-    reason="KaSATrainer.train(resume_from_checkpoint=True) uses transformers' get_last_checkpoint, which picks the "
-    "incomplete checkpoint (no trainer_state.json); wire kasa_trl.checkpoint.last_complete_checkpoint into train()",
-)
 def test_resume_true_skips_the_incomplete_checkpoint(killed_runs, reference, tmp_path):
     run = killed_runs["paused"]
     run.wait()

@@ -1,0 +1,367 @@
+"""Training step time and peak memory: kasa_trl (both base modes, regularizers on) vs PEFT LoRA and PEFT KaSA.
+
+A raw loop, no Trainer: the same batch every step, ``torch.optim.AdamW`` over the trainable parameters, one step
+= ``zero_grad`` + forward (``labels`` = inputs) + backward + ``optimizer.step()``. The peers:
+
+- ``PEFT LoRA``: ``get_peft_model(LoraConfig(r, all-linear))``, task loss only;
+- ``PEFT KaSA``: ``LoraConfig(kasa_config=KasaConfig())``, loss = task loss + ``model._get_kasa_loss()``;
+- ``kasa_trl in_place`` / ``kasa_trl non_destructive``: ``apply_kasa``, the regularizers through the trainer's
+  path: ``session = attach_penalties(model, weights, reduction)``, ``session.begin(1.0)``, ``loss =
+  session.finish(task_loss)``;
+- ``kasa_trl in_place, no reg`` (diagnostic): the same without the session, to price the regularizers.
+
+Same r, alpha, targets (checked) and dtype; default regularizer weights equal PEFT's (beta 1e-4, gamma 1e-3).
+Time: every peer's model is built once, warmed up by one step, then each repetition runs ``--steps`` steps of
+every peer in a rotating order; a repetition's figure is the median step, a ratio the median over repetitions of
+the per-repetition ratio.
+
+Memory: each peer in its own fresh process (forked from a server that only imported the libraries), which loads
+the base, adapts it, then frees and trims the heap (``malloc_trim``), resets the kernel's peak-RSS counter
+(``/proc/self/clear_refs``) and trains ``--memory-steps`` steps. Reported: the peak RSS of those training steps
+(``VmHWM``: the whole process, base weights and libraries included), the RSS before them, and ``ru_maxrss`` (the
+whole process's life, adaptation included). On CUDA: ``torch.cuda.max_memory_allocated`` over the training steps.
+
+    python examples/benchmarks/step_time.py                  # batch 2 x 256 tokens; minutes on 2 busy cores
+    python examples/benchmarks/step_time.py --profile        # + torch.profiler op tables of one step per peer
+    python examples/benchmarks/step_time.py --quick          # seconds (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import multiprocessing as mp
+import multiprocessing.forkserver
+import resource
+import statistics
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+KASA_NO_REG = "kasa_trl in_place, no reg"
+PEERS = [common.PEFT_LORA, common.PEFT_KASA, common.KASA_IN_PLACE, common.KASA_NON_DESTRUCTIVE, KASA_NO_REG]
+MEMORY_PEERS = [common.PEFT_LORA, common.PEFT_KASA, common.KASA_IN_PLACE, common.KASA_NON_DESTRUCTIVE]
+GOAL_VS_LORA = 1.03
+GOAL_VS_PEFT_KASA = 1.0
+GOAL_MEMORY = 1.02
+
+
+class Trainee:
+    """One peer's model, optimizer and step."""
+
+    def __init__(self, peer: str, path, spec: common.ModelSpec, dtype, device, batch: torch.Tensor) -> None:
+        self.peer = peer
+        self.batch = batch
+        self.session = None
+        model = common.load_base(path, dtype, device)
+        if peer == KASA_NO_REG:
+            from kasa_trl import apply_kasa
+
+            model = apply_kasa(model, common.kasa_config(spec, "in_place"))
+        else:
+            model = common.apply_peer(model, peer, spec)
+        if peer in common.KASA_BASE_MODES:
+            from kasa_trl import get_kasa_config
+            from kasa_trl.penalty import attach_penalties
+
+            config = get_kasa_config(model)
+            self.session = attach_penalties(model, config.regularizers, config.regularizer_reduction)
+        self.model = model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.trainable = sum(p.numel() for p in params)
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step(self) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.session is not None:
+            self.session.begin(1.0)
+        loss = self.model(input_ids=self.batch, labels=self.batch).loss
+        if self.peer == common.PEFT_KASA:
+            loss = loss + self.model._get_kasa_loss()
+        if self.session is not None:
+            loss = self.session.finish(loss)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+
+# -- memory (in a fresh process per peer) --------------------------------------------------------------------
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _trim_heap() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def memory_worker(
+    peer: str, path: str, spec: dict, dtype: str, device: str, shape, steps: int, threads: int | None
+):
+    if threads:
+        torch.set_num_threads(threads)
+    spec_, device_, dtype_ = common.ModelSpec(**spec), torch.device(device), getattr(torch, dtype)
+    trainee = Trainee(peer, path, spec_, dtype_, device_, common.random_batch(spec_, *shape, device_))
+    _trim_heap()
+    result = {"peer": peer, "trainable_params": trainee.trainable}
+    if device_.type == "cuda":
+        torch.cuda.synchronize(device_)
+        torch.cuda.reset_peak_memory_stats(device_)
+        result["before_mb"] = torch.cuda.memory_allocated(device_) / 2**20
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS (Linux >= 4.0)
+            f.write("5")
+        result["before_mb"] = _status_kb("VmRSS") / 1024
+    for _ in range(steps):
+        trainee.step()
+    if device_.type == "cuda":
+        torch.cuda.synchronize(device_)
+        result["peak_mb"] = torch.cuda.max_memory_allocated(device_) / 2**20
+    else:
+        result["peak_mb"] = _status_kb("VmHWM") / 1024
+        result["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["training_delta_mb"] = result["peak_mb"] - result["before_mb"]
+    return result
+
+
+def _worker_entry(queue, *args) -> None:
+    try:
+        queue.put(memory_worker(*args))
+    except BaseException as e:  # report, do not hang the parent
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+        raise
+
+
+def memory_context():
+    """A forkserver that has imported the libraries (once, ~10 s): each memory process then starts in no time.
+    Started early, it imports while the timed peers are built."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "transformers.models.llama.modeling_llama", "peft", "kasa_trl"])
+    mp.forkserver.ensure_running()
+    return ctx
+
+
+def measure_memory(ctx, peers, path, spec, dtype, device, shape, steps, threads) -> dict[str, dict]:
+    """Each peer's memory figures, each from its own fresh process."""
+    results = {}
+    for peer in peers:
+        queue = ctx.Queue()
+        args = (
+            peer,
+            str(path),
+            asdict(spec),
+            str(dtype).replace("torch.", ""),
+            str(device),
+            shape,
+            steps,
+            threads,
+        )
+        proc = ctx.Process(target=_worker_entry, args=(queue, *args))
+        proc.start()
+        result = queue.get()
+        proc.join()
+        if "error" in result:
+            raise RuntimeError(f"memory worker for {peer} failed: {result['error']}")
+        results[peer] = result
+        print(f"  memory {peer}: peak {result['peak_mb']:.1f} MB", file=sys.stderr, flush=True)
+    return results
+
+
+# -- profile -------------------------------------------------------------------------------------------------
+
+
+def profile_step(trainee: Trainee, top: int) -> dict:
+    """torch.profiler of one step: op count, total self time, the ops with the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if trainee.batch.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        trainee.step()
+        common.sync(trainee.batch.device)
+    averages = prof.key_averages()
+    cuda = trainee.batch.device.type == "cuda"
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    ops = sorted(averages, key=lambda e: getattr(e, key), reverse=True)
+    return {
+        "events": sum(e.count for e in averages),
+        "aten_ops": sum(e.count for e in averages if e.key.startswith("aten::")),
+        "self_time_ms": sum(getattr(e, key) for e in averages) / 1e3,
+        "top": [{"op": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1e3} for e in ops[:top]],
+        "calls": {e.key: e.count for e in averages},
+    }
+
+
+# -- the benchmark -------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace, cache: common.BaseCache | None = None) -> dict:
+    spec, device, dtype = common.setup_run(args)
+    repeats = common.repeats_from_args(args)
+    batch_size, seq = (args.batch or (2 if args.quick else 2)), (args.seq or (32 if args.quick else 256))
+    steps = args.steps or (2 if args.quick else 3)
+    own_cache = cache is None
+    cache = cache or common.BaseCache(args.cache_dir)
+    try:
+        path = cache.base(spec)
+        ctx = None if args.no_memory else memory_context()
+        batch = common.random_batch(spec, batch_size, seq, device)
+        peers = PEERS if not args.peers else args.peers
+        trainees = {p: Trainee(p, path, spec, dtype, device, batch) for p in peers}
+        if len({tuple(common.adapted_names(t.model)) for t in trainees.values()}) != 1:
+            raise RuntimeError("the peers adapted different layers: the comparison would be unfair")
+        for trainee in trainees.values():  # warm-up: allocator, optimizer state, kernels
+            trainee.step()
+
+        def measure(name: str, rep: int) -> float:
+            trainee = trainees[name]
+            return statistics.median(common.timed(trainee.step, device)[0] for _ in range(steps))
+
+        times = common.alternate(peers, measure, repeats)
+        profiles = {}
+        if args.profile:
+            profiles = {name: profile_step(t, args.profile_top) for name, t in trainees.items()}
+        trainable = {name: t.trainable for name, t in trainees.items()}
+        trainees.clear()  # free the models before the memory processes run
+        gc.collect()
+        memory = {}
+        if not args.no_memory:
+            mem_peers = [p for p in MEMORY_PEERS if p in peers]
+            threads = args.threads or torch.get_num_threads()
+            memory = measure_memory(
+                ctx, mem_peers, path, spec, dtype, device, (batch_size, seq), args.memory_steps, threads
+            )
+
+        reference = common.PEFT_LORA if common.PEFT_LORA in peers else peers[0]
+        rows, table_rows = [], []
+        for name in peers:
+            mem = memory.get(name, {})
+            ref_mem = memory.get(reference, {})
+            row = {
+                "peer": name,
+                "step_s": common.stats(times[name]),
+                "ratio_to_peft_lora": common.paired_ratio(times, name, reference),
+                "ratio_to_peft_kasa": common.paired_ratio(times, name, common.PEFT_KASA)
+                if common.PEFT_KASA in peers
+                else None,
+                "trainable_params": trainable[name],
+                "memory": mem,
+                "memory_ratio_to_peft_lora": mem["peak_mb"] / ref_mem["peak_mb"] if mem and ref_mem else None,
+            }
+            if name in profiles:
+                row["profile"] = {k: v for k, v in profiles[name].items() if k != "calls"}
+            rows.append(row)
+            table_rows.append(
+                [
+                    name,
+                    row["step_s"]["median"],
+                    row["ratio_to_peft_lora"]["median"],
+                    row["ratio_to_peft_kasa"]["median"] if row["ratio_to_peft_kasa"] else None,
+                    mem.get("peak_mb"),
+                    mem.get("training_delta_mb"),
+                    row["memory_ratio_to_peft_lora"],
+                    profiles[name]["aten_ops"] if name in profiles else None,
+                ]
+            )
+        table = common.markdown(
+            [
+                "peer", "median step (s)", "vs PEFT LoRA", "vs PEFT KaSA", "peak MB (train)",
+                "train delta MB", "peak vs PEFT LoRA", "aten ops/step",
+            ],
+            table_rows,
+        )  # fmt: skip
+        goals = []
+        by_peer = {r["peer"]: r for r in rows}
+        for name in (common.KASA_IN_PLACE, common.KASA_NON_DESTRUCTIVE):
+            if name not in by_peer:
+                continue
+            row = by_peer[name]
+            ratio = row["ratio_to_peft_lora"]["median"]
+            goals.append(
+                common.goal(
+                    "training step time",
+                    common.PEFT_LORA,
+                    f"<= {GOAL_VS_LORA}x",
+                    ratio,
+                    ratio <= GOAL_VS_LORA,
+                    note=name,
+                )
+            )
+            if row["ratio_to_peft_kasa"]:
+                ratio = row["ratio_to_peft_kasa"]["median"]
+                goals.append(
+                    common.goal("training step time", "PEFT KaSA + _get_kasa_loss()", f"<= {GOAL_VS_PEFT_KASA}x",
+                                ratio, ratio <= GOAL_VS_PEFT_KASA, note=name)
+                )  # fmt: skip
+            if row["memory_ratio_to_peft_lora"] is not None:
+                ratio = row["memory_ratio_to_peft_lora"]
+                goals.append(
+                    common.goal("peak memory during training", common.PEFT_LORA, f"<= {GOAL_MEMORY}x", ratio,
+                                ratio <= GOAL_MEMORY, note=f"{name}; whole-process peak RSS of the training steps"
+                                if device.type == "cpu" else f"{name}; max_memory_allocated")
+                )  # fmt: skip
+        notes = [
+            f"batch {batch_size} x {seq} tokens, r={spec.r}, {spec.layers} layers, {steps} steps per repetition, "
+            f"{repeats} repetitions",
+        ]
+        if KASA_NO_REG in by_peer and common.KASA_IN_PLACE in by_peer:
+            reg = common.paired_ratio(times, common.KASA_IN_PLACE, KASA_NO_REG)["median"]
+            notes.append(f"regularizers (attach_penalties) cost: in_place with / without = {reg:.3f}x")
+        result = {
+            "benchmark": "step_time",
+            "environment": common.environment(device, dtype),
+            "settings": {"spec": asdict(spec), "repeats": repeats, "batch": batch_size, "seq": seq, "steps": steps,
+                         "memory_steps": args.memory_steps},
+            "rows": rows,
+            "table": table,
+            "goals": goals,
+            "notes": notes,
+        }  # fmt: skip
+        if profiles:
+            result["profile_calls"] = {name: p["calls"] for name, p in profiles.items()}
+            for name, p in profiles.items():
+                top = "; ".join(f"{t['op']} {t['self_ms']:.1f}ms/{t['calls']}" for t in p["top"][:6])
+                notes.append(
+                    f"profile {name}: {p['aten_ops']} aten ops, {p['self_time_ms']:.0f} ms self; {top}"
+                )
+        return common.finish(result, args.json)
+    finally:
+        if own_cache:
+            cache.cleanup()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_args(p, repeats=5, quick_repeats=2)
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (default 2)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 256; 32 with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per peer and repetition (default 3)")
+    p.add_argument("--memory-steps", type=int, default=2, help="training steps in each memory process")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory processes")
+    p.add_argument("--peers", nargs="+", default=None, choices=PEERS, help="a subset of the peers")
+    p.add_argument("--profile", action="store_true", help="torch.profiler of one step per peer")
+    p.add_argument("--profile-top", type=int, default=10)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""KaSA initialization under DeepSpeed ZeRO-3 (CPU, gloo): ``apply_kasa`` on 2 ranks vs the same run on 1 rank.
+
+The script launches itself with ``torchrun`` (1 and 2 processes, alternating launches: 1, 2, 2, 1, ...). Each rank
+follows the recipe of ``tests/distributed/zero_worker.py``: an active ZeRO-3 ``TrainingArguments`` (``use_cpu``,
+``stage3_param_persistence_threshold`` 0), ``_ = training_args.device`` then
+``deepspeed.init_distributed(dist_backend="gloo")``, and the base loaded with ``from_pretrained`` so that its
+weights are partitioned at load (``deepspeed.zero.Init``): no rank holds a whole weight. Only ``apply_kasa`` is
+timed, between two barriers. With 2 ranks ``kasa_trl.distributed.sharded_decompose`` gathers the targets two at a
+time and each rank decomposes one of them; only the rank-r factors are broadcast back.
+
+Fairness: the two configurations use the same cores. On ``C`` cores (``--cores``, default all) 1 rank runs
+``C`` threads and 2 ranks run ``C // 2`` threads each (``OMP_NUM_THREADS`` and ``torch.set_num_threads``), with
+``OMP_WAIT_POLICY=PASSIVE`` (``--omp-wait-policy``): on a shared CPU, spinning OpenMP threads make the 2-thread
+rank several times slower and the comparison meaningless in favour of 2 ranks.
+Timed per rank: the decomposition alone (``minor_components``, wrapped); the rest of ``apply_kasa`` is gathers,
+broadcasts and building the layers (truncation, fingerprint, re-partitioning) on every rank.
+Check: the removed parts' norms agree between 1 and 2 ranks.
+
+    python examples/benchmarks/zero3_init.py                 # 4 layers 1024/2816, r=16; minutes on 2 cores
+    python examples/benchmarks/zero3_init.py --quick         # one launch each, tiny model (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+GOAL_RATIO = 0.65
+
+
+def ds_config() -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": False},
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    }
+
+
+# -- one rank ------------------------------------------------------------------------------------------------
+
+
+def worker(args: argparse.Namespace) -> None:
+    import deepspeed
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    import kasa_trl.distributed
+    from kasa_trl import apply_kasa, kasa_layers
+
+    torch.set_num_threads(args.worker_threads)
+    spec = common.ModelSpec(**json.loads(args.worker_spec))
+    training_args = TrainingArguments(
+        output_dir=str(Path(args.worker_out) / "trainer"),
+        use_cpu=True,
+        deepspeed=ds_config(),
+        report_to="none",
+        per_device_train_batch_size=1,
+    )
+    _ = training_args.device  # initializes the torch process group (gloo on CPU)...
+    deepspeed.init_distributed(dist_backend="gloo")  # ...which deepspeed.comm must adopt before zero.Init
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    decompose_seconds = [0.0]
+    decompose = kasa_trl.distributed.minor_components
+
+    def timed_decompose(weight, n, method="auto"):
+        start = time.perf_counter()
+        result = decompose(weight, n, method)
+        decompose_seconds[0] += time.perf_counter() - start
+        return result
+
+    kasa_trl.distributed.minor_components = timed_decompose
+    reps = []
+    for _ in range(args.worker_repeats):
+        model = AutoModelForCausalLM.from_pretrained(args.worker_base, dtype=torch.float32)
+        partitioned = all(p.numel() == 0 for p in model.model.layers.parameters() if hasattr(p, "ds_id"))
+        decompose_seconds[0] = 0.0
+        dist.barrier()
+        start = time.perf_counter()
+        apply_kasa(model, common.kasa_config(spec, "in_place"))
+        dist.barrier()
+        seconds = time.perf_counter() - start
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, decompose_seconds[0])
+        norms = {
+            name: float(layer.removed_left.double().norm()) for name, layer in kasa_layers(model).items()
+        }
+        reps.append(
+            {
+                "apply_s": seconds,
+                "decompose_s_per_rank": per_rank,
+                "partitioned": partitioned,
+                "removed_norms": norms,
+            }
+        )
+        del model
+        gc.collect()
+    if rank == 0:
+        common.write_json(
+            Path(args.worker_out) / "result.json",
+            {"world": world, "threads": args.worker_threads, "reps": reps},
+        )
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# -- the launcher --------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(
+    world: int, threads: int, base: Path, spec, repeats: int, out: Path, timeout: int, wait_policy: str
+) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        **({"OMP_WAIT_POLICY": "PASSIVE"} if wait_policy == "passive" else {}),
+        "OMP_NUM_THREADS": str(threads),
+        "DS_ACCELERATOR": "cpu",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TQDM_DISABLE": "1",
+    }
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={_free_port()}",
+        str(Path(__file__).resolve()), "--worker", "--worker-out", str(out), "--worker-base", str(base),
+        "--worker-spec", json.dumps(asdict(spec)), "--worker-repeats", str(repeats), "--worker-threads", str(threads),
+    ]  # fmt: skip
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{world}-rank launch failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        )
+    result = json.loads((out / "result.json").read_text())
+    result["launch_s"] = time.perf_counter() - start
+    return result
+
+
+def run(args: argparse.Namespace, cache: common.BaseCache | None = None) -> dict:
+    spec, device, dtype = common.setup_run(args)
+    if device.type != "cpu":
+        raise SystemExit("zero3_init measures the CPU/gloo path; run it without --device cuda")
+    cores = args.cores or os.cpu_count() or 2
+    threads = {1: cores, 2: max(1, cores // 2)}
+    if args.quick:
+        schedule, inner = [1, 2], 1
+    else:
+        launches = args.launches or 4
+        abba = [1, 2, 2, 1]
+        schedule, inner = [abba[i % 4] for i in range(launches)], common.repeats_from_args(args)
+    own_cache = cache is None
+    cache = cache or common.BaseCache(args.cache_dir)
+    try:
+        base = cache.base(spec)
+        times: dict[int, list[float]] = {1: [], 2: []}
+        decompose: dict[int, list[list[float]]] = {1: [], 2: []}
+        norms: dict[int, dict] = {}
+        launch_s: dict[int, list[float]] = {1: [], 2: []}
+        partitioned = True
+
+        def one(i: int, world: int) -> dict:
+            return launch(
+                world,
+                threads[world],
+                base,
+                spec,
+                inner,
+                cache.path / f"zero3_{i}",
+                args.timeout,
+                args.omp_wait_policy,
+            )
+
+        if args.quick:  # a smoke test: both launches at once, the timings prove nothing anyway
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(len(schedule)) as pool:
+                launched = list(pool.map(one, range(len(schedule)), schedule))
+        else:
+            launched = [one(i, world) for i, world in enumerate(schedule)]
+        for i, (world, result) in enumerate(zip(schedule, launched, strict=True)):
+            launch_s[world].append(result["launch_s"])
+            for rep in result["reps"]:
+                times[world].append(rep["apply_s"])
+                decompose[world].append(rep["decompose_s_per_rank"])
+                norms.setdefault(world, rep["removed_norms"])
+                partitioned &= rep["partitioned"]
+            print(f"  launch {i + 1}/{len(schedule)} ({world} rank(s)): {[round(r['apply_s'], 3) for r in result['reps']]}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        norm_diff = max(abs(norms[1][k] - norms[2][k]) / max(norms[1][k], 1e-30) for k in norms[1])
+        ratio = statistics.median(times[2]) / statistics.median(times[1])
+        rows, table_rows = [], []
+        for world in (1, 2):
+            dec = [max(d) for d in decompose[world]]
+            rows.append({
+                "ranks": world, "threads_per_rank": threads[world], "apply_s": common.stats(times[world]),
+                "decompose_s_max_rank": common.stats(dec), "decompose_s_per_rank": decompose[world],
+                "launch_s": launch_s[world],
+            })  # fmt: skip
+            table_rows.append(
+                [world, threads[world], rows[-1]["apply_s"]["median"], rows[-1]["apply_s"]["min"],
+                 statistics.median(dec), statistics.median(times[world]) - statistics.median(dec),
+                 statistics.median(times[world]) / statistics.median(times[1])]
+            )  # fmt: skip
+        table = common.markdown(
+            ["ranks", "threads/rank", "apply_kasa median (s)", "min (s)", "decomposition (s, slowest rank)",
+             "rest (s)", "vs 1 rank"],
+            table_rows,
+        )  # fmt: skip
+        goals = [
+            common.goal("initialization on 2 ranks under ZeRO-3 (CPU, gloo)", "the same run on 1 rank",
+                        f"<= {GOAL_RATIO}x", ratio, ratio <= GOAL_RATIO, note=f"{cores} cores either way")
+        ]  # fmt: skip
+        result = {
+            "benchmark": "zero3_init",
+            "environment": {**common.environment(device, dtype), "torch_threads": threads},
+            "settings": {
+                "spec": asdict(spec),
+                "schedule": schedule,
+                "repeats_per_launch": inner,
+                "cores": cores,
+                "omp_wait_policy": args.omp_wait_policy,
+            },
+            "rows": rows,
+            "table": table,
+            "goals": goals,
+            "notes": [
+                f"{cores} cores either way: 1 rank x {threads[1]} threads vs 2 ranks x {threads[2]} threads; weights "
+                f"partitioned at load: {partitioned}; removed-part norms 1 vs 2 ranks agree to {norm_diff:.1e} "
+                "(relative); ratio = median(2 ranks) / median(1 rank) over all repetitions of all launches.",
+                "rest = apply_kasa minus the slowest rank's decomposition: gathers, factor broadcasts, truncation and "
+                "layer construction (done on every rank) and re-partitioning.",
+            ],
+        }
+        return common.finish(result, args.json)
+    finally:
+        if own_cache:
+            cache.cleanup()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_args(p, repeats=2, quick_repeats=1)
+    p.add_argument("--cores", type=int, default=None, help="cores shared by the ranks (default: all)")
+    p.add_argument(
+        "--launches", type=int, default=None, help="torchrun launches, alternating 1,2,2,1 (default 4)"
+    )
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per launch")
+    p.add_argument(
+        "--omp-wait-policy",
+        choices=["passive", "inherit"],
+        default="passive",
+        help="passive (default): OMP_WAIT_POLICY=PASSIVE for the ranks, so that a multi-threaded rank does not spin "
+        "while another process holds a core (on a shared CPU that makes 1 rank x 2 threads many times slower); "
+        "inherit: the caller's environment",
+    )
+    w = p.add_argument_group("worker (internal: set by the launcher)")
+    w.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    w.add_argument("--worker-out", help=argparse.SUPPRESS)
+    w.add_argument("--worker-base", help=argparse.SUPPRESS)
+    w.add_argument("--worker-spec", help=argparse.SUPPRESS)
+    w.add_argument("--worker-repeats", type=int, default=1, help=argparse.SUPPRESS)
+    w.add_argument("--worker-threads", type=int, default=1, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parser().parse_args(argv)
+    if args.worker:
+        worker(args)
+        return None
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()

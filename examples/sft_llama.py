@@ -1,0 +1,66 @@
+"""Supervised fine-tuning with a KaSA adapter: ``KaSATrainer`` in place of TRL's ``SFTTrainer``.
+
+With no arguments it trains the embedded tiny Llama on the shipped conversational set, on CPU in well under a
+minute, and saves the adapter to ``outputs/sft_llama``::
+
+    python examples/sft_llama.py
+    python examples/sft_llama.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_path chats.jsonl \\
+        --r 16 --target_modules q_proj k_proj v_proj o_proj --learning_rate 2e-4 --max_steps 500 --bf16 True
+    deepspeed examples/sft_llama.py --deepspeed deepspeed_configs/zero3.json   # also on a CPU-only machine
+
+``--dataset_path`` takes a JSON/JSONL file in any format ``SFTTrainer`` accepts, e.g. one
+``{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}`` per line. Every
+``SFTConfig`` / ``TrainingArguments`` flag works; ``--help`` lists them. Load the adapter back with
+``kasa_trl.load_kasa_adapter(base_model, "outputs/sft_llama")``.
+"""
+
+from __future__ import annotations
+
+from _common import (
+    KaSAScriptArguments,
+    load_model_and_tokenizer,
+    load_train_dataset,
+    parse_args,
+    print_summary,
+    shutdown_distributed,
+)
+from trl import SFTConfig
+
+from kasa_trl.callbacks import SpectrumCallback
+from kasa_trl.trainer import KaSATrainer
+
+# The embedded run: about 20 s on a 2-core CPU. The tiny base is random with a frozen LM head, which bounds how
+# far the loss can fall (from 5.4 at step 1 to about 4.5) while the token accuracy climbs from 0 to about 0.7.
+EMBEDDED_DEFAULTS = {
+    "max_steps": 100,
+    "per_device_train_batch_size": 8,
+    "learning_rate": 1e-2,
+    "lr_scheduler_type": "constant",
+    "logging_steps": 10,
+    "logging_first_step": True,
+    "max_length": 64,
+    "gradient_checkpointing": False,  # nothing to save on a 100k-parameter model
+    "bf16": False,  # CPU: fp32 is faster and exact
+    "save_strategy": "no",
+}
+
+
+def main() -> None:
+    script_args, training_args = parse_args(KaSAScriptArguments, SFTConfig, "sft_llama", EMBEDDED_DEFAULTS)
+    model, tokenizer = load_model_and_tokenizer(script_args)
+    trainer = KaSATrainer(
+        model=model,
+        args=training_args,
+        train_dataset=load_train_dataset(script_args, "sft"),
+        processing_class=tokenizer,
+        kasa_config=script_args.kasa_config(),
+        callbacks=[SpectrumCallback()],
+    )
+    trainer.train()
+    trainer.save_model()
+    print_summary(trainer, training_args.output_dir, "mean_token_accuracy", "kasa/regularization")
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
