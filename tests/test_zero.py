@@ -129,3 +129,26 @@ def test_zero3_reentrant_checkpointing_and_resume(tmp_path, single):
 
     model = load_kasa_adapter(build_tiny_llama(len(build_tokenizer()), seed=0), checkpoint)
     assert len([n for n, _ in model.named_modules() if n.endswith(("q_proj", "down_proj"))]) == 4
+
+
+def test_deepspeed_launcher_runs_the_sft_example(tmp_path):
+    """`deepspeed examples/sft_llama.py` on a CPU-only machine: 2 ranks, ZeRO-3, clean exit, loadable adapter."""
+    launcher = Path(sys.executable).with_name("deepspeed")
+    if not launcher.exists():
+        pytest.skip("deepspeed launcher not installed next to the interpreter")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [
+        str(launcher), "--num_accelerators", "2", "--master_port", str(_free_port()),
+        str(root / "examples" / "sft_llama.py"), "--deepspeed", str(root / "deepspeed_configs" / "zero3.json"),
+        "--max_steps", "3", "--output_dir", str(tmp_path), "--disable_tqdm", "True",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=root)
+    log = proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, log
+    assert log.count("exits successfully") == 2, log
+    assert (tmp_path / "kasa_adapter.safetensors").is_file()
+    from kasa_trl import load_kasa_adapter
+    from kasa_trl.tiny import build_tiny_llama, build_tokenizer
+
+    load_kasa_adapter(build_tiny_llama(len(build_tokenizer()), seed=0), tmp_path)
