@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?= -q -p no:cacheprovider
 DEMO_ARGS ?=
-BENCH_QUICK ?= examples/benchmarks/run.py --quick
+BENCH_QUICK ?= examples/benchmarks/run_all.py --quick
 
 VENV_PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
