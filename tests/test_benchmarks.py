@@ -27,7 +27,9 @@ def report(tmp_path_factory):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
     cmd = [sys.executable, str(RUN_ALL), "--quick", "--out-dir", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"run_all --quick failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"run_all --quick failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
     assert (out / "quick.md").read_text().startswith("# KaSA benchmarks")
     return json.loads((out / "quick.json").read_text())
 

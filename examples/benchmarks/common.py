@@ -327,6 +327,16 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
+def timed_cpu(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of ``fn()``. On a shared CPU the CPU time is the
+    steadier figure: it leaves out the time spent waiting for a core (not the cost of sharing caches)."""
+    sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    sync(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def alternate(
     names: Sequence[str], measure: Callable[[str, int], float], repeats: int, *, log: bool = True
 ) -> dict[str, list[float]]:

@@ -13,16 +13,20 @@ A raw loop, no Trainer: the same batch every step, ``torch.optim.AdamW`` over th
 Same r, alpha, targets (checked) and dtype; default regularizer weights equal PEFT's (beta 1e-4, gamma 1e-3).
 Time: every peer's model is built once, warmed up by one step, then each repetition runs ``--steps`` steps of
 every peer in a rotating order; a repetition's figure is the median step, a ratio the median over repetitions of
-the per-repetition ratio.
+the per-repetition ratio. Wall-clock time decides the goals; the CPU time of the process (all threads) is reported
+next to it: on a shared machine it leaves out the time spent waiting for a core.
 
-Memory: each peer in its own fresh process (forked from a server that only imported the libraries), which loads
-the base, adapts it, then frees and trims the heap (``malloc_trim``), resets the kernel's peak-RSS counter
-(``/proc/self/clear_refs``) and trains ``--memory-steps`` steps. Reported: the peak RSS of those training steps
-(``VmHWM``: the whole process, base weights and libraries included), the RSS before them, and ``ru_maxrss`` (the
-whole process's life, adaptation included). On CUDA: ``torch.cuda.max_memory_allocated`` over the training steps.
+Memory: each peer in its own fresh process (forked from a server that only imported the libraries, with glibc's
+and MKL's caching of freed memory off: see ``memory_context``), which loads the base, adapts it, then frees and
+trims the heap (``malloc_trim``), resets the kernel's peak-RSS counter (``/proc/self/clear_refs``) and trains
+``--memory-steps`` steps. Reported: the peak RSS of those training steps (``VmHWM``: the whole process, base
+weights and libraries included; the goal's figure), the RSS before them and the difference, and ``ru_maxrss``
+(the whole process's life, adaptation included). Identical processes agree to ~1 MB. On CUDA:
+``torch.cuda.max_memory_allocated`` over the training steps (the goal's figure), after the adapted model is built.
 
     python examples/benchmarks/step_time.py                  # batch 2 x 256 tokens; minutes on 2 busy cores
     python examples/benchmarks/step_time.py --profile        # + torch.profiler op tables of one step per peer
+    python examples/benchmarks/step_time.py --memory-only --memory-repeats 3
     python examples/benchmarks/step_time.py --quick          # seconds (CI)
 """
 
@@ -34,6 +38,7 @@ import ctypes
 import gc
 import multiprocessing as mp
 import multiprocessing.forkserver
+import os
 import resource
 import statistics
 import sys
@@ -148,36 +153,70 @@ def _worker_entry(queue, *args) -> None:
 
 def memory_context():
     """A forkserver that has imported the libraries (once, ~10 s): each memory process then starts in no time.
-    Started early, it imports while the timed peers are built."""
+    Started early, it imports while the timed peers are built.
+
+    Its processes run with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then serves every allocation of 64 KiB or more
+    (every activation) with its own mapping and unmaps it when freed, so the RSS peak is the peak of live memory,
+    not of what the allocator kept cached (by default glibc raises that threshold to 32 MiB as tensors are freed,
+    and the RSS of two identical runs then differs by tens of MB). ``MKL_DISABLE_FAST_MM=1`` likewise stops MKL from
+    keeping the work buffers of the decompositions (SVD, eigh) once they are done: ~20 MB that would be billed to
+    KaSA's initialization, not to training."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "transformers.models.llama.modeling_llama", "peft", "kasa_trl"])
-    mp.forkserver.ensure_running()
+    overrides = {"MALLOC_MMAP_THRESHOLD_": "65536", "MKL_DISABLE_FAST_MM": "1"}
+    saved = {key: os.environ.get(key) for key in overrides}
+    os.environ.update(overrides)
+    try:
+        mp.forkserver.ensure_running()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
     return ctx
 
 
-def measure_memory(ctx, peers, path, spec, dtype, device, shape, steps, threads) -> dict[str, dict]:
-    """Each peer's memory figures, each from its own fresh process."""
+def _memory_once(ctx, peer, path, spec, dtype, device, shape, steps, threads) -> dict:
+    queue = ctx.Queue()
+    args = (
+        peer,
+        str(path),
+        asdict(spec),
+        str(dtype).replace("torch.", ""),
+        str(device),
+        shape,
+        steps,
+        threads,
+    )
+    proc = ctx.Process(target=_worker_entry, args=(queue, *args))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    if "error" in result:
+        raise RuntimeError(f"memory worker for {peer} failed: {result['error']}")
+    print(f"  memory {peer}: peak {result['peak_mb']:.1f} MB", file=sys.stderr, flush=True)
+    return result
+
+
+def measure_memory(
+    ctx, peers, path, spec, dtype, device, shape, steps, threads, repeats=1
+) -> dict[str, dict]:
+    """Each peer's memory figures, each from its own fresh process; with ``repeats`` > 1 the peers alternate and
+    every figure is the median over the repetitions (``"all"`` keeps each process's figures)."""
+    runs: dict[str, list[dict]] = {peer: [] for peer in peers}
+    for rep in range(repeats):
+        shift = rep % len(peers)
+        for peer in peers[shift:] + peers[:shift]:
+            runs[peer].append(_memory_once(ctx, peer, path, spec, dtype, device, shape, steps, threads))
     results = {}
-    for peer in peers:
-        queue = ctx.Queue()
-        args = (
-            peer,
-            str(path),
-            asdict(spec),
-            str(dtype).replace("torch.", ""),
-            str(device),
-            shape,
-            steps,
-            threads,
-        )
-        proc = ctx.Process(target=_worker_entry, args=(queue, *args))
-        proc.start()
-        result = queue.get()
-        proc.join()
-        if "error" in result:
-            raise RuntimeError(f"memory worker for {peer} failed: {result['error']}")
-        results[peer] = result
-        print(f"  memory {peer}: peak {result['peak_mb']:.1f} MB", file=sys.stderr, flush=True)
+    for peer, results_ in runs.items():
+        merged = dict(results_[0])
+        for key, value in results_[0].items():
+            if isinstance(value, float):
+                merged[key] = statistics.median(r[key] for r in results_)
+        merged["all"] = results_
+        results[peer] = merged
     return results
 
 
@@ -214,7 +253,7 @@ def run(args: argparse.Namespace, cache: common.BaseCache | None = None) -> dict
     spec, device, dtype = common.setup_run(args)
     repeats = common.repeats_from_args(args)
     batch_size, seq = (args.batch or (2 if args.quick else 2)), (args.seq or (32 if args.quick else 256))
-    steps = args.steps or (2 if args.quick else 3)
+    steps = args.steps or 2
     own_cache = cache is None
     cache = cache or common.BaseCache(args.cache_dir)
     try:
@@ -222,15 +261,22 @@ def run(args: argparse.Namespace, cache: common.BaseCache | None = None) -> dict
         ctx = None if args.no_memory else memory_context()
         batch = common.random_batch(spec, batch_size, seq, device)
         peers = PEERS if not args.peers else args.peers
+        if args.memory_only:
+            return memory_only(args, ctx, peers, path, spec, dtype, device, (batch_size, seq))
         trainees = {p: Trainee(p, path, spec, dtype, device, batch) for p in peers}
         if len({tuple(common.adapted_names(t.model)) for t in trainees.values()}) != 1:
             raise RuntimeError("the peers adapted different layers: the comparison would be unfair")
         for trainee in trainees.values():  # warm-up: allocator, optimizer state, kernels
             trainee.step()
 
+        cpu_times: dict[str, list[float]] = {name: [] for name in peers}
+
         def measure(name: str, rep: int) -> float:
-            trainee = trainees[name]
-            return statistics.median(common.timed(trainee.step, device)[0] for _ in range(steps))
+            walls, cpus = zip(
+                *(common.timed_cpu(trainees[name].step, device) for _ in range(steps)), strict=True
+            )
+            cpu_times[name].append(statistics.median(cpus))
+            return statistics.median(walls)
 
         times = common.alternate(peers, measure, repeats)
         profiles = {}
@@ -244,7 +290,16 @@ def run(args: argparse.Namespace, cache: common.BaseCache | None = None) -> dict
             mem_peers = [p for p in MEMORY_PEERS if p in peers]
             threads = args.threads or torch.get_num_threads()
             memory = measure_memory(
-                ctx, mem_peers, path, spec, dtype, device, (batch_size, seq), args.memory_steps, threads
+                ctx,
+                mem_peers,
+                path,
+                spec,
+                dtype,
+                device,
+                (batch_size, seq),
+                args.memory_steps,
+                threads,
+                args.memory_repeats,
             )
 
         reference = common.PEFT_LORA if common.PEFT_LORA in peers else peers[0]
@@ -256,6 +311,11 @@ def run(args: argparse.Namespace, cache: common.BaseCache | None = None) -> dict
                 "peer": name,
                 "step_s": common.stats(times[name]),
                 "ratio_to_peft_lora": common.paired_ratio(times, name, reference),
+                "cpu_step_s": common.stats(cpu_times[name]),
+                "cpu_ratio_to_peft_lora": common.paired_ratio(cpu_times, name, reference),
+                "cpu_ratio_to_peft_kasa": common.paired_ratio(cpu_times, name, common.PEFT_KASA)
+                if common.PEFT_KASA in peers
+                else None,
                 "ratio_to_peft_kasa": common.paired_ratio(times, name, common.PEFT_KASA)
                 if common.PEFT_KASA in peers
                 else None,
@@ -272,6 +332,10 @@ def run(args: argparse.Namespace, cache: common.BaseCache | None = None) -> dict
                     row["step_s"]["median"],
                     row["ratio_to_peft_lora"]["median"],
                     row["ratio_to_peft_kasa"]["median"] if row["ratio_to_peft_kasa"] else None,
+                    row["cpu_ratio_to_peft_lora"]["median"] if device.type == "cpu" else None,
+                    row["cpu_ratio_to_peft_kasa"]["median"]
+                    if device.type == "cpu" and row["cpu_ratio_to_peft_kasa"]
+                    else None,
                     mem.get("peak_mb"),
                     mem.get("training_delta_mb"),
                     row["memory_ratio_to_peft_lora"],
@@ -280,7 +344,7 @@ def run(args: argparse.Namespace, cache: common.BaseCache | None = None) -> dict
             )
         table = common.markdown(
             [
-                "peer", "median step (s)", "vs PEFT LoRA", "vs PEFT KaSA", "peak MB (train)",
+                "peer", "median step (s)", "vs PEFT LoRA", "vs PEFT KaSA", "CPU time vs PEFT LoRA", "CPU time vs PEFT KaSA", "peak MB (train)",
                 "train delta MB", "peak vs PEFT LoRA", "aten ops/step",
             ],
             table_rows,
@@ -326,7 +390,7 @@ def run(args: argparse.Namespace, cache: common.BaseCache | None = None) -> dict
             "benchmark": "step_time",
             "environment": common.environment(device, dtype),
             "settings": {"spec": asdict(spec), "repeats": repeats, "batch": batch_size, "seq": seq, "steps": steps,
-                         "memory_steps": args.memory_steps},
+                         "memory_steps": args.memory_steps, "memory_repeats": args.memory_repeats},
             "rows": rows,
             "table": table,
             "goals": goals,
@@ -345,14 +409,56 @@ def run(args: argparse.Namespace, cache: common.BaseCache | None = None) -> dict
             cache.cleanup()
 
 
+def memory_only(args, ctx, peers, path, spec, dtype, device, shape) -> dict:
+    """``--memory-only``: the memory processes alone, no timing."""
+    threads = args.threads or torch.get_num_threads()
+    peers = [p for p in MEMORY_PEERS if p in peers]
+    memory = measure_memory(
+        ctx, peers, path, spec, dtype, device, shape, args.memory_steps, threads, args.memory_repeats
+    )
+    ref = memory[common.PEFT_LORA]["peak_mb"]
+    rows = [
+        {"peer": p, "memory": memory[p], "memory_ratio_to_peft_lora": memory[p]["peak_mb"] / ref}
+        for p in peers
+    ]
+    table = common.markdown(
+        ["peer", "peak MB (train)", "before MB", "train delta MB", "peak vs PEFT LoRA", "peaks (each process)"],
+        [
+            [r["peer"], r["memory"]["peak_mb"], r["memory"]["before_mb"], r["memory"]["training_delta_mb"],
+             r["memory_ratio_to_peft_lora"], " ".join(f"{a['peak_mb']:.0f}" for a in r["memory"]["all"])]
+            for r in rows
+        ],
+    )  # fmt: skip
+    goals = [
+        common.goal("peak memory during training", common.PEFT_LORA, f"<= {GOAL_MEMORY}x", r["memory_ratio_to_peft_lora"],
+                    r["memory_ratio_to_peft_lora"] <= GOAL_MEMORY, note=r["peer"])
+        for r in rows if r["peer"] in common.KASA_BASE_MODES
+    ]  # fmt: skip
+    result = {
+        "benchmark": "step_time",
+        "environment": common.environment(device, dtype),
+        "settings": {"spec": asdict(spec), "batch": shape[0], "seq": shape[1], "memory_steps": args.memory_steps,
+                     "memory_repeats": args.memory_repeats, "memory_only": True},
+        "rows": rows,
+        "table": table,
+        "goals": goals,
+        "notes": [f"memory only: batch {shape[0]} x {shape[1]} tokens, {args.memory_steps} training steps per process"],
+    }  # fmt: skip
+    return common.finish(result, args.json)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_common_args(p, repeats=5, quick_repeats=2)
+    common.add_common_args(p, repeats=7, quick_repeats=2)
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default 2)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 256; 32 with --quick)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per peer and repetition (default 3)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per peer and repetition (default 2)")
     p.add_argument("--memory-steps", type=int, default=2, help="training steps in each memory process")
+    p.add_argument(
+        "--memory-repeats", type=int, default=1, help="memory processes per peer, alternating (median)"
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the memory processes")
+    p.add_argument("--memory-only", action="store_true", help="only the memory processes, no timing")
     p.add_argument("--peers", nargs="+", default=None, choices=PEERS, help="a subset of the peers")
     p.add_argument("--profile", action="store_true", help="torch.profiler of one step per peer")
     p.add_argument("--profile-top", type=int, default=10)
