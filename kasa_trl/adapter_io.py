@@ -146,6 +146,7 @@ def load_kasa_adapter(
             use_rslora=config.use_rslora,
             base_mode=config.base_mode,
             adapter_dtype=tensors["lora_A"].dtype,
+            base_fingerprint=tensors["base_fingerprint"],
         )
         with torch.no_grad():
             for key, param in layer.adapter_params().items():

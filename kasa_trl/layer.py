@@ -39,6 +39,7 @@ class KaSALinear(nn.Module):
         use_rslora (bool): scaling = lora_alpha / sqrt(r).
         base_mode (str): ``"in_place"`` or ``"non_destructive"``.
         adapter_dtype (torch.dtype | None): dtype of A, B, sigma; default fp32 (fp64 for fp64 bases).
+        base_fingerprint (torch.Tensor | None): the original weight's fingerprint, if already known.
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class KaSALinear(nn.Module):
         use_rslora: bool = False,
         base_mode: str = "in_place",
         adapter_dtype: torch.dtype | None = None,
+        base_fingerprint: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, SUPPORTED_BASE_LAYERS):
@@ -90,7 +92,10 @@ class KaSALinear(nn.Module):
         right = removed_right.detach().to(device, factor_dtype).contiguous()
         self.register_buffer("removed_left", left, persistent=False)
         self.register_buffer("removed_right", right, persistent=False)
-        self.base_fingerprint = weight_fingerprint(weight)
+        # Given when loading: the saved one was just checked against this weight, no need to recompute it.
+        self.base_fingerprint = (
+            base_fingerprint if base_fingerprint is not None else weight_fingerprint(weight)
+        )
         self.reset_parameters()
         if base_mode == "in_place":
             self._write_base_weight(truncate(weight, self.removed_left, self.removed_right))
