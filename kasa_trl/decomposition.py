@@ -1,47 +1,42 @@
 """The linear algebra of KaSA's knowledge-based SVD truncation (arXiv 2412.06071; DESIGN.md section 2).
 
 For a frozen weight ``W`` (out, in) with SVD ``U S V^T`` and ``k = min(out, in)``, KaSA removes the ``n`` smallest
-singular triplets: ``R = U_n S_n V_n^T`` and ``W_trunc = W - R``. Everything here is a pure function of tensors,
-computed in float64 and returned in at least float32.
+singular triplets: ``R = U_n S_n V_n^T`` and ``W_trunc = W - R`` (the paper's ``W_world``). Everything here is a
+pure function of tensors, computed in float64 and returned in at least float32.
 
-Finding the ``n`` smallest triplets needs no full SVD. ``gram_eigh`` takes the eigendecomposition of the smaller
-Gram matrix ``A A^T`` (``A`` = ``W`` or ``W^T``) and gets ``R`` as a projection, ``R = Q_n (Q_n^T A)``, which stays
-exact when singular values are ~0 (nothing is divided by them). Squaring ``A`` squares the condition number,
-though: eigh's backward error ``eps * s_1^2`` mixes the removed and the kept directions by about
-``eps * (s_1 / s_cut)^2 / gap``, which is 1e-5 relative on a cond-1e6 weight. ``gram_deflated`` repairs this:
-after each eigh it keeps the eigenvectors whose eigenvalue is below ``max(tau * lambda_max, 100 * lambda_n)`` with
-``tau = 1e-6``, projects ``A`` onto them and forms the (much better conditioned) Gram of that projection again,
-until ``lambda_n >= tau * lambda_max`` at the current level. Every level has condition number <= 1e3 at the cut,
-so ``R`` is accurate to about ``eps * 1e6 / relative_gap`` whatever the spectrum; on weights with cond <= 1e3 at
-the cut it is exactly ``gram_eigh`` (one level).
+The ``n`` smallest triplets need no full SVD. ``gram_eigh`` takes the eigenproblem of the smaller Gram matrix
+``A A^T`` (``A`` = ``W`` or ``W^T``) and gets ``R`` as a projection, ``R = Q_n (Q_n^T A)``: nothing is divided by
+singular values, so it stays exact when they are ~0. Only the ``n`` smallest eigenvectors are computed
+(``_symeig``: one tridiagonalization, every eigenvalue, ``n`` eigenvectors; 2x cheaper than ``torch.linalg.eigh``
+on CPU). But the Gram squares the condition number: rounding (``eps * lambda_max``) turns the removed directions
+by ``eps * lambda_max / (lambda_{n+1} - lambda_n)``, 1e-6..1e-4 relative error in ``R`` on a cond-1e6 long tail.
 
-Measured with ``examples/benchmarks/decomposition_methods.py`` on a shared 2-core CPU (torch 2.13, default threads),
-n = 16, long-tail (geometric) spectra, median of 3 repeats; error is ``||R - R_svd||_F / ||R_svd||_F`` against
-float64 full SVD:
-
-| shape     | spectrum | svd (s) | gram_eigh (s) | gram_deflated (s) | gram_eigh err | gram_deflated err |
-|-----------|----------|---------|---------------|-------------------|---------------|-------------------|
-| see BENCHMARK_TABLE below                                                                                     |
-
-``auto`` picks ``gram_deflated``: as fast as ``gram_eigh`` on realistic weights, 2-4x faster than float64 SVD, and
-within 1e-7 of it up to cond 1e6, where plain ``gram_eigh`` misses by 1e-5.
+``gram_deflated`` (``auto``) computes that predicted error from the eigenvalues, which come for free. When it is
+above ``_TARGET_ERROR`` it deflates: it keeps the eigenvectors with eigenvalue below a bound chosen so that the
+dropped dominant directions cannot leak into ``R`` by more than the target, projects ``A`` onto them and solves
+the (far better conditioned) Gram of that projection again. Random-init and trained-like (flat bulk, short tail)
+weights need one level, which is exactly ``gram_eigh``; a cond-1e4 geometric tail needs a second level over
+~10% of the directions, cond 1e6 a third. The result is within ~1e-9 of float64 SVD up to cond 1e6
+(``tests/test_decomposition.py``, ``tests/test_errors.py``); speed and accuracy per method and spectrum are
+measured by ``examples/benchmarks/decomposition_methods.py`` (table in the README).
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import _symeig
+
 DECOMPOSITION_METHODS = ("auto", "svd", "gram_eigh", "gram_deflated")
 
 _AUTO_METHOD = "gram_deflated"
-# A level stops once lambda_n >= tau * lambda_max: the cut is within cond 100 (in singular values) of the level's top.
-# Removed directions leak into the dropped dominant ones by ~eps * s_1^2 / s_drop^2 with s_drop >= sqrt(tau) s_1,
-# which costs R about eps * cond / sqrt(tau) relative; the last level adds ~eps / (tau * relative gap at the cut).
-# tau = 1e-4 balances the two (1e-6 measured 10x less accurate at cond 1e6 for 20% less time; see the table).
-_DEFLATION_TAU = 1e-4
-# Keep eigenvalues up to 100x the n-th, so the kept subspace is separated from the cut by a clear gap.
-_DEFLATION_MARGIN = 100.0
-# Each level divides lambda_max by 1e4 (or ends), and float64 resolves squares over a range of 1e16: a safety cap.
+# A level's predicted error of R is eps * lambda_max / (lambda_{n+1} - lambda_n): the Gram's rounding and the
+# eigensolver's (both ~eps * lambda_max) turn the n-th eigenvector by that angle. It overestimates the measured
+# error ~40x (1024x2816 geometric tails, cond 1e4 and 1e6), so this target keeps R within ~1e-9 of float64 SVD.
+_TARGET_ERROR = 1e-8
+# Kept directions reach at least 4x lambda_n: a clear gap between what the next level sees and the cut.
+_DEFLATION_MARGIN = 4.0
+# Each level divides lambda_max by >= _DEFLATION_MARGIN (or ends), and float64 squares span 1e16: a safety cap.
 _MAX_LEVELS = 8
 
 
@@ -224,25 +219,44 @@ def _minor_svd(a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 def _minor_gram(a: torch.Tensor, n: int, max_levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The n smallest triplets of ``a`` (m, p), m <= p, from eighs of Grams, deflating up to ``max_levels`` times.
+    """The n smallest triplets of ``a`` (m, p), m <= p, from Gram eigenproblems, deflating up to ``max_levels`` times.
 
     ``basis`` (m, j) spans the directions still in play; ``b = basis^T a`` (j, p) is ``a`` seen in them. Each level
     drops the dominant directions whose rounding would swamp the small ones, so the next Gram is better conditioned.
     """
+    backend = _symeig.backend_for(a)
     basis, b = None, a
     for level in range(1, max_levels + 1):
-        eigvals, eigvecs = torch.linalg.eigh(b @ b.T)  # ascending
-        lam_max, lam_n = eigvals[-1].clamp_min(0), eigvals[n - 1].clamp_min(0)
-        if level == max_levels or lam_n >= _DEFLATION_TAU * lam_max:
+        eig = _symeig.LowestEigh(_symeig.gram(b, backend), backend)
+        bound = _deflation_bound(eig.eigvals.clamp_min(0), n) if level < max_levels else None
+        if bound is None:
             break
-        bound = torch.maximum(_DEFLATION_TAU * lam_max, _DEFLATION_MARGIN * lam_n)
-        keep = int((eigvals <= bound).sum())  # >= n; < len(eigvals) because lam_max > bound
-        q = eigvecs[:, :keep]  # (j, keep)
+        q = eig.vectors(int((eig.eigvals <= bound).sum()))  # (j, keep), keep >= n since lambda_n <= bound
         basis = q if basis is None else basis @ q
         b = q.T @ b
-    q_n = eigvecs[:, :n]  # (j, n)
+    q_n = eig.vectors(n)  # (j, n)
     # Projection, not division by singular values: exact even when they are ~0. The small SVD makes the
     # factors canonical (orthogonal columns, orthonormal rows, descending).
-    p, s, vh = torch.linalg.svd(q_n.T @ b, full_matrices=False)  # (n, p) = p diag(s) vh
-    u = q_n @ p if basis is None else basis @ (q_n @ p)
+    rot, s, vh = torch.linalg.svd(q_n.T @ b, full_matrices=False)  # (n, p) = rot diag(s) vh
+    u = q_n @ rot if basis is None else basis @ (q_n @ rot)
     return u, s, vh
+
+
+def _deflation_bound(eigvals: torch.Tensor, n: int) -> float | None:
+    """Keep the eigenvalues <= the returned bound for another level, or None when this level is accurate enough.
+
+    Dropping the directions above ``bound`` costs R about ``eps * lambda_max / sqrt(bound * lambda_n)`` (their share
+    in the true minor vectors, weighted by their singular values); the bound is the smallest that keeps this under
+    the target, and at least ``_DEFLATION_MARGIN * lambda_n``.
+    """
+    j = eigvals.shape[0]
+    if n == j:  # everything is removed: nothing to mix the removed directions with
+        return None
+    lam_max, lam_n, lam_next = (float(eigvals[i]) for i in (-1, n - 1, n))
+    eps = torch.finfo(torch.float64).eps
+    if eps * lam_max <= _TARGET_ERROR * (lam_next - lam_n):
+        return None
+    floor = max(lam_n, eps * lam_max)  # lambda_n is only known to ~eps * lambda_max
+    bound = max(_DEFLATION_MARGIN * floor, (eps * lam_max / _TARGET_ERROR) ** 2 / floor)
+    # A level that would not shrink lambda_max by the margin cannot sharpen the next one: stop.
+    return bound if _DEFLATION_MARGIN * bound < lam_max else None

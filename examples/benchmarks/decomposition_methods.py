@@ -34,6 +34,7 @@ BASELINE = "fp32 svd"
 # name -> whether the cut has a clear gap, so that R itself is unique and can be compared directly
 SPECTRA = {
     "gaussian init": True,
+    "bulk + tail, cond 2.4e3": True,  # like trained attention weights: flat bulk, the last 5% decaying
     "long tail, cond 1e4": True,
     "long tail, cond 1e6": True,
     "cond 1e6, no gap at cut": False,
@@ -46,8 +47,15 @@ def build_weight(out_features: int, in_features: int, spectrum: str, n: int, see
     if spectrum == "gaussian init":
         return torch.randn(out_features, in_features, generator=gen) / math.sqrt(in_features)
     k = min(out_features, in_features)
-    decades = 4 if spectrum.endswith("1e4") else 6
-    s = torch.logspace(0, -decades, k, dtype=torch.float64)  # geometric long tail
+    if spectrum.startswith("bulk"):
+        s = torch.linspace(1, 0.4, k, dtype=torch.float64)
+        tail = int(0.95 * k)
+        s[tail:] = s[tail] * torch.logspace(
+            0, -math.log10(2.4e3 * s[tail].item()), k - tail, dtype=torch.float64
+        )
+    else:
+        decades = 4 if spectrum.endswith("1e4") else 6
+        s = torch.logspace(0, -decades, k, dtype=torch.float64)  # geometric long tail
     if not SPECTRA[spectrum]:
         # The values straddling the cut agree to ~1e-11: the removed subspace is not unique, its invariants are.
         width = min(n, k - n)
@@ -165,6 +173,13 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=None, help="timed repeats per method (default 3, 1 with --quick)"
     )
+    parser.add_argument(
+        "--spectra",
+        nargs="+",
+        default=list(SPECTRA),
+        choices=list(SPECTRA),
+        help="spectra to run (default all)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--json", default=None, metavar="PATH", help="write every row (with all repeat times) here"
@@ -186,7 +201,7 @@ def main() -> None:
 
     rows = []
     for shape in shapes:
-        for spectrum_name in SPECTRA:
+        for spectrum_name in args.spectra:
             rows += bench_case(
                 shape, spectrum_name, methods, n, repeats, device, args.seed, min(shape) <= 2048
             )

@@ -75,7 +75,7 @@ def accuracy(peer: str, model: torch.nn.Module, originals: dict, references: dic
         else:
             layer = modules[name]
             truncated = layer.base_layer.weight
-            removed = layer.removed_left.double() @ layer.removed_right.double()
+            removed = (layer.removed_left.double() @ layer.removed_right.double()).cpu()
         r_err, w_err = _errors(removed_ref, trunc_ref, removed, truncated.detach().cpu())
         rows[name] = {"r_err": r_err, "w_trunc_err": w_err}
     return rows

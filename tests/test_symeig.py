@@ -1,0 +1,67 @@
+"""kasa_trl._symeig: the partial symmetric eigensolver agrees with torch.linalg.eigh on every backend."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kasa_trl import _symeig
+
+F64 = torch.float64
+EPS = torch.finfo(F64).eps
+BACKENDS = [
+    pytest.param(b, marks=pytest.mark.skipif(_symeig.scipy_linalg() is None, reason="SciPy is not installed"))
+    if b == "lapack"
+    else b
+    for b in _symeig.BACKENDS
+]
+
+
+def _full(g: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose lower triangle ``g`` holds."""
+    return torch.tril(g) + torch.tril(g, -1).T
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gram_is_b_b_transpose(backend, transposed):
+    gen = torch.Generator().manual_seed(0)
+    b = torch.randn(7, 13, generator=gen, dtype=F64)
+    if transposed:
+        # A non-contiguous view, as minor_components passes for tall weights.
+        b = torch.randn(13, 7, generator=gen, dtype=F64).T
+    torch.testing.assert_close(_full(_symeig.gram(b, backend)), b @ b.T, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(deadline=None, max_examples=40)
+@given(
+    k=st.integers(1, 24),
+    extra=st.integers(0, 8),
+    rank_deficit=st.integers(0, 4),
+    m=st.integers(1, 24),
+    seed=st.integers(0, 2**16),
+)
+def test_lowest_eigenpairs_match_eigh(backend, k, extra, rank_deficit, m, seed):
+    gen = torch.Generator().manual_seed(seed)
+    m = min(m, k)
+    rank = max(1, k - rank_deficit)
+    left = torch.randn(k, rank, generator=gen, dtype=F64)
+    b = left @ torch.randn(rank, k + extra, generator=gen, dtype=F64)
+    g = _symeig.gram(b, backend)
+    dense = _full(g)  # before LowestEigh, which overwrites g
+    eig = _symeig.LowestEigh(g, backend)
+    reference = torch.linalg.eigvalsh(dense)
+    scale = reference[-1].abs() + 1
+    torch.testing.assert_close(eig.eigvals, reference, rtol=0, atol=100 * k * EPS * scale)
+    q = eig.vectors(m)
+    assert q.shape == (k, m)
+    torch.testing.assert_close(q.T @ q, torch.eye(m, dtype=F64), rtol=0, atol=100 * k * EPS)
+    residual = dense @ q - q * eig.eigvals[:m]
+    assert residual.norm() <= 100 * k * EPS * scale
+
+
+def test_lapack_is_the_cpu_default_when_scipy_is_installed():
+    expected = "torch" if _symeig.scipy_linalg() is None else "lapack"
+    assert _symeig.backend_for(torch.zeros(2, 2)) == expected
+    assert _symeig.backend_for(torch.zeros(2, 2, device="meta")) == "torch"
