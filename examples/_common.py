@@ -139,12 +139,16 @@ def _check_deepspeed_config(argv: list[str]) -> None:
     if not path or path.lstrip().startswith("{"):  # inline JSON is parsed by transformers itself
         return
     if not os.path.isfile(path):
-        raise ValueError(f"--deepspeed {path}: no such DeepSpeed config file (see deepspeed_configs/ for examples)")
+        raise ValueError(
+            f"--deepspeed {path}: no such DeepSpeed config file (see deepspeed_configs/ for examples)"
+        )
     try:
         with open(path, encoding="utf-8") as f:
             json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"--deepspeed {path}: the DeepSpeed config is not valid JSON ({e}); fix the file") from None
+        raise ValueError(
+            f"--deepspeed {path}: the DeepSpeed config is not valid JSON ({e}); fix the file"
+        ) from None
 
 
 def load_model_and_tokenizer(script_args: KaSAScriptArguments) -> tuple[PreTrainedModel, Any]:

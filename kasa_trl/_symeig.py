@@ -6,9 +6,10 @@ always computes all ``k`` eigenvectors, about three times the work. On CPU, with
 splits the problem the way LAPACK's ``syevr`` does, but keeps the O(k^3) part to a single pass:
 
 1. ``G = Q T Q^T``, Householder tridiagonalization (``dsytrd``; ``4/3 k^3`` flops, the only cubic step);
-2. every eigenvalue of ``T`` (``dsterf``, O(k^2));
-3. on demand, the eigenvectors of the ``m`` smallest (``dstemr``, O(k m)), carried back to ``G``'s basis by
-   applying the stored reflectors (``torch.ormqr``, ``2 k^2 m`` flops).
+2. on demand, the few eigenvalues that decide ``m`` (the smallest and the largest; bisection, ``dstebz``,
+   O(k) each);
+3. on demand, the eigenvectors of the ``m`` smallest, or of those below a bound (``dstemr``, O(k m)), carried
+   back to ``G``'s basis by applying the stored reflectors (``torch.ormqr``, ``2 k^2 m`` flops).
 
 The Gram itself is formed with ``dsyrk`` (half the flops of a matmul). Everything is float64 and backward stable
 like ``eigh``. Elsewhere (CUDA, where ``eigh`` is fast, or without SciPy) it falls back to ``torch.linalg.eigh``.
@@ -57,7 +58,7 @@ def gram(b: torch.Tensor, backend: str) -> torch.Tensor:
 
 
 class LowestEigh:
-    """Eigenvalues of a symmetric ``g`` (k, k) float64, ascending, and the eigenvectors of its smallest ones.
+    """The smallest eigenpairs of a symmetric ``g`` (k, k) float64, computed as far as they are asked for.
 
     Args:
         g (torch.Tensor): (k, k), as returned by ``gram`` for the same ``backend`` (lower triangle used); the
@@ -66,36 +67,62 @@ class LowestEigh:
     """
 
     def __init__(self, g: torch.Tensor, backend: str) -> None:
-        k = g.shape[0]
-        self.backend = "torch" if k < 2 else backend  # dsytrd needs a subdiagonal
+        self.k = g.shape[0]
+        self.backend = "torch" if self.k < 2 else backend  # dsytrd needs a subdiagonal
         if self.backend == "torch":
-            self.eigvals, self._eigvecs = torch.linalg.eigh(g, UPLO="L")
+            self._eigvals, self._eigvecs = torch.linalg.eigh(g, UPLO="L")
             return
         a = g.numpy()
         if not a.flags.f_contiguous:
             a = a.copy(order="F")
         linalg = scipy_linalg()
-        lwork, info = linalg.lapack.dsytrd_lwork(k, lower=1)
+        lwork, info = linalg.lapack.dsytrd_lwork(self.k, lower=1)
         _check(info, "dsytrd_lwork")
         # c holds the reflectors below the subdiagonal; (d, e) is T.
         c, d, e, tau, info = linalg.lapack.dsytrd(a, lower=1, lwork=int(lwork), overwrite_a=1)
         _check(info, "dsytrd")
         self._reflectors, self._tau, self._d, self._e = torch.from_numpy(c), torch.from_numpy(tau), d, e
-        eigvals = linalg.eigh_tridiagonal(d, e, eigvals_only=True, lapack_driver="sterf")
-        self.eigvals = torch.from_numpy(eigvals)
+
+    def smallest(self, m: int) -> torch.Tensor:
+        """(m,) the m smallest eigenvalues, ascending (bisection on T: O(k m), not all k of them)."""
+        if self.backend == "torch":
+            return self._eigvals[:m]
+        return torch.from_numpy(self._tridiagonal_eigvals(0, m - 1))
+
+    def largest(self) -> float:
+        if self.backend == "torch":
+            return float(self._eigvals[-1])
+        return float(self._tridiagonal_eigvals(self.k - 1, self.k - 1)[0])
 
     def vectors(self, m: int) -> torch.Tensor:
-        """(k, m) orthonormal eigenvectors of the ``m`` smallest eigenvalues, in ``eigvals`` order."""
+        """(k, m) orthonormal eigenvectors of the ``m`` smallest eigenvalues, ascending."""
         if self.backend == "torch":
             return self._eigvecs[:, :m]
-        k = self.eigvals.shape[0]
-        _, z = scipy_linalg().eigh_tridiagonal(
-            self._d, self._e, select="i", select_range=(0, m - 1), lapack_driver="stemr"
+        return self._back_transform(self._tridiagonal_eigvecs(select="i", select_range=(0, m - 1)))
+
+    def vectors_at_most(self, bound: float) -> torch.Tensor:
+        """(k, j) orthonormal eigenvectors of every eigenvalue <= ``bound``, ascending."""
+        if self.backend == "torch":
+            return self._eigvecs[:, : int((self._eigvals <= bound).sum())]
+        below = -1.0 - abs(bound) - self.largest()  # under every eigenvalue: (below, bound] is all of them
+        return self._back_transform(self._tridiagonal_eigvecs(select="v", select_range=(below, bound)))
+
+    def _tridiagonal_eigvals(self, first: int, last: int):
+        return scipy_linalg().eigh_tridiagonal(
+            self._d, self._e, eigvals_only=True, select="i", select_range=(first, last), lapack_driver="stebz"
         )
-        z = torch.from_numpy(z)  # (k, m) in T's basis
+
+    def _tridiagonal_eigvecs(self, **select) -> torch.Tensor:
+        _, z = scipy_linalg().eigh_tridiagonal(self._d, self._e, lapack_driver="stemr", **select)
+        return torch.from_numpy(z)  # (k, m) in T's basis
+
+    def _back_transform(self, z: torch.Tensor) -> torch.Tensor:
+        """Eigenvectors of T (k, m) -> of g: apply Q = H(1) ... H(k-1) from dsytrd."""
+        if z.shape[1] == 0:
+            return z
         # dsytrd(lower) stores H(i) = I - tau_i v_i v_i^T with v_i[: i + 1] = (0, ..., 0, 1) in c[i + 2 :, i]:
         # Q = diag(1, Q') where Q' is the QR-style product of the reflectors of c[1:, : k - 1].
-        rest = torch.ormqr(self._reflectors[1:, : k - 1], self._tau, z[1:].contiguous())
+        rest = torch.ormqr(self._reflectors[1:, : self.k - 1], self._tau, z[1:].contiguous())
         return torch.cat([z[:1], rest])
 
 

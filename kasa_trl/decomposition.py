@@ -36,6 +36,7 @@ _AUTO_METHOD = "gram_deflated"
 _TARGET_ERROR = 1e-8
 # Kept directions reach at least 4x lambda_n: a clear gap between what the next level sees and the cut.
 _DEFLATION_MARGIN = 4.0
+_NON_FINITE = "weight has non-finite entries (nan or inf); check the checkpoint before truncating it"
 # Each level divides lambda_max by >= _DEFLATION_MARGIN (or ends), and float64 squares span 1e16: a safety cap.
 _MAX_LEVELS = 8
 
@@ -205,10 +206,9 @@ def _check_minor_args(weight: torch.Tensor, n: int, method: str) -> None:
         raise ValueError(
             f"n={n} must be in [0, min(out, in)={k}] for a weight of shape {tuple(weight.shape)}"
         )
-    if not torch.isfinite(weight).all():
-        raise ValueError(
-            "weight has non-finite entries (nan or inf); check the checkpoint before truncating it"
-        )
+    # The Gram methods find a non-finite entry in the Gram's diagonal (O(k) instead of a pass over the weight).
+    if (n == 0 or method == "svd") and not torch.isfinite(weight).all():
+        raise ValueError(_NON_FINITE)
 
 
 def _minor_svd(a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -227,11 +227,14 @@ def _minor_gram(a: torch.Tensor, n: int, max_levels: int) -> tuple[torch.Tensor,
     backend = _symeig.backend_for(a)
     basis, b = None, a
     for level in range(1, max_levels + 1):
-        eig = _symeig.LowestEigh(_symeig.gram(b, backend), backend)
-        bound = _deflation_bound(eig.eigvals.clamp_min(0), n) if level < max_levels else None
+        g = _symeig.gram(b, backend)
+        if level == 1 and not torch.isfinite(g.diagonal()).all():  # a non-finite entry poisons its row's norm
+            raise ValueError(_NON_FINITE)
+        eig = _symeig.LowestEigh(g, backend)
+        bound = _deflation_bound(eig, n) if level < max_levels else None
         if bound is None:
             break
-        q = eig.vectors(int((eig.eigvals <= bound).sum()))  # (j, keep), keep >= n since lambda_n <= bound
+        q = eig.vectors_at_most(bound)  # (j, keep), keep >= n since lambda_n <= bound
         basis = q if basis is None else basis @ q
         b = q.T @ b
     q_n = eig.vectors(n)  # (j, n)
@@ -242,17 +245,17 @@ def _minor_gram(a: torch.Tensor, n: int, max_levels: int) -> tuple[torch.Tensor,
     return u, s, vh
 
 
-def _deflation_bound(eigvals: torch.Tensor, n: int) -> float | None:
+def _deflation_bound(eig: _symeig.LowestEigh, n: int) -> float | None:
     """Keep the eigenvalues <= the returned bound for another level, or None when this level is accurate enough.
 
     Dropping the directions above ``bound`` costs R about ``eps * lambda_max / sqrt(bound * lambda_n)`` (their share
     in the true minor vectors, weighted by their singular values); the bound is the smallest that keeps this under
     the target, and at least ``_DEFLATION_MARGIN * lambda_n``.
     """
-    j = eigvals.shape[0]
-    if n == j:  # everything is removed: nothing to mix the removed directions with
+    if n == eig.k:  # everything is removed: nothing to mix the removed directions with
         return None
-    lam_max, lam_n, lam_next = (float(eigvals[i]) for i in (-1, n - 1, n))
+    lam_n, lam_next = (max(float(v), 0.0) for v in eig.smallest(n + 1)[-2:])
+    lam_max = max(eig.largest(), 0.0)
     eps = torch.finfo(torch.float64).eps
     if eps * lam_max <= _TARGET_ERROR * (lam_next - lam_n):
         return None
