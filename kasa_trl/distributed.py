@@ -2,9 +2,10 @@
 
 Under ZeRO-3 (``deepspeed.zero.Init``) no rank holds a whole weight outside a gather. ``sharded_decompose``
 splits the decomposition work over the ranks: the targets are taken ``world_size`` at a time, each group is
-gathered once, rank ``i % world_size`` decomposes target ``i`` while the others decompose theirs, and only the
-rank-n factors travel afterwards (a broadcast from each owner). Every rank then holds the same factors, so the
-truncation that ``apply_kasa`` writes back is the same everywhere.
+gathered once, rank ``i % world_size`` decomposes target ``i`` (and fingerprints its original weight) while the
+others decompose theirs, and only the rank-n factors and fingerprints travel afterwards (a broadcast from each
+owner). Every rank then holds the same factors; ``truncate_partition`` writes ``W_trunc`` into each rank's own
+partition with the arithmetic of ``decomposition.truncate``, so no weight is gathered a second time.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .decomposition import minor_components
+from .fingerprint import N_PROBES, weight_fingerprint
 
 if TYPE_CHECKING:
     from .config import KaSAConfig
@@ -60,8 +62,9 @@ def weight_shape(module: nn.Module) -> tuple[int, int]:
 
 def sharded_decompose(
     targets: dict[str, nn.Module], n_removed: dict[str, int], config: KaSAConfig
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The removed factors of every target, decomposed once in all (each rank its share), known to all ranks."""
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(left, right, fingerprint of the original weight)`` of every target, decomposed once in all (each rank
+    its share), known to all ranks."""
     from .model import _check_finite_weight, _progress, base_weight
 
     rank, world = rank_and_world()
@@ -75,9 +78,9 @@ def sharded_decompose(
                 _check_finite_weight(name, base_weight(targets[name]))
             for name in group:
                 if owner[name] == rank:
-                    mine[name] = minor_components(
-                        base_weight(targets[name]), n_removed[name], config.decomposition_method
-                    )
+                    weight = base_weight(targets[name])
+                    left, right = minor_components(weight, n_removed[name], config.decomposition_method)
+                    mine[name] = (left, right, weight_fingerprint(weight))
     if world == 1:
         return mine
     factors = {}
@@ -88,14 +91,50 @@ def sharded_decompose(
         device = weight.ds_tensor.device if is_partitioned(weight) else weight.device
         dtype = torch.promote_types(weight.dtype, torch.float32)
         if owner[name] == rank:
-            left, right = (t.to(device).contiguous() for t in mine[name])
+            left, right, fingerprint = (t.to(device).contiguous() for t in mine[name])
         else:
             left = torch.empty(out_features, n_removed[name], device=device, dtype=dtype)
             right = torch.empty(n_removed[name], in_features, device=device, dtype=dtype)
-        dist.broadcast(left, src=owner[name])
-        dist.broadcast(right, src=owner[name])
-        factors[name] = (left, right)
+            fingerprint = torch.empty(N_PROBES + 1, device=device, dtype=torch.float64)
+        for t in (left, right, fingerprint):
+            dist.broadcast(t, src=owner[name])
+        factors[name] = (left, right, fingerprint.cpu())
     return factors
+
+
+def writable_partition(param: torch.Tensor) -> torch.Tensor | None:
+    """This rank's ZeRO-3 partition of ``param`` when it can be written in place, else None (then gather).
+
+    Not with ZeRO++'s secondary copies (hpZ) or quantized weights, nor while the partition sits on NVMe.
+    """
+    shard = getattr(param, "ds_tensor", None)
+    if shard is None or getattr(param, "ds_secondary_tensor", None) is not None:
+        return None
+    if hasattr(shard, "ds_quant_scale") or "nvme" in str(getattr(shard, "final_location", None) or ""):
+        return None
+    return shard if shard.numel() == shard.ds_numel else None
+
+
+@torch.no_grad()
+def truncate_partition(param: torch.Tensor, removed: torch.Tensor) -> None:
+    """``W_trunc = W - R`` on this rank's partition of ``param``: the float64 arithmetic of
+    ``decomposition.truncate``, element by element, so every rank's share is bit-identical to a single process's.
+
+    Args:
+        param (torch.Tensor): a ZeRO-3 parameter with a ``writable_partition``.
+        removed (torch.Tensor): R in the parameter's own layout (``(in, out)`` for Conv1D), float64.
+    """
+    shard = writable_partition(param)
+    if shard is None:
+        raise ValueError("parameter has no writable ZeRO-3 partition; gather it instead")
+    # DeepSpeed partitions the flattened parameter in rank order, the last partition padded.
+    start = shard.ds_numel * dist.get_rank(group=param.ds_process_group)
+    count = max(0, min(shard.ds_numel, param.ds_numel - start))
+    if count == 0:
+        return
+    part = shard.narrow(0, 0, count)
+    piece = removed.reshape(-1).narrow(0, start, count).to(part.device)
+    part.copy_((part.to(torch.float64) - piece).to(part.dtype))
 
 
 def broadcast_adapters(layers: Sequence[nn.Module]) -> None:

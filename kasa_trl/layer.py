@@ -21,6 +21,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .decomposition import truncate
+from .distributed import is_partitioned, truncate_partition, weight_shape
 from .fingerprint import weight_fingerprint
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
@@ -61,8 +62,9 @@ class KaSALinear(nn.Module):
             raise TypeError(f"KaSALinear wraps nn.Linear or Conv1D, got {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        weight = self._base_weight()
-        self.out_features, self.in_features = weight.shape
+        weight = self._base_weight()  # empty while ZeRO-3 holds it partitioned (see partitioned below)
+        self.out_features, self.in_features = weight_shape(base_layer)
+        partitioned = is_partitioned(base_layer.weight) and base_layer.weight.numel() == 0
         if removed_left.shape[0] != self.out_features or removed_right.shape[1] != self.in_features:
             raise ValueError(
                 f"removed factors {tuple(removed_left.shape)} @ {tuple(removed_right.shape)} do not fit a "
@@ -92,15 +94,23 @@ class KaSALinear(nn.Module):
         right = removed_right.detach().to(device, factor_dtype).contiguous()
         self.register_buffer("removed_left", left, persistent=False)
         self.register_buffer("removed_right", right, persistent=False)
-        # Given when loading: the saved one was just checked against this weight, no need to recompute it.
+        if base_mode not in ("in_place", "non_destructive"):
+            raise ValueError(f"base_mode={base_mode!r} is not one of ['in_place', 'non_destructive']")
+        if partitioned and base_fingerprint is None:
+            raise ValueError(
+                "the base weight is partitioned by ZeRO-3: pass base_fingerprint (computed where the weight was "
+                "gathered) or build the layer inside kasa_trl.distributed.gathered([weight])"
+            )
+        # Given when loading (the saved one was just checked) or by the rank that decomposed this weight.
         self.base_fingerprint = (
             base_fingerprint if base_fingerprint is not None else weight_fingerprint(weight)
         )
         self.reset_parameters()
-        if base_mode == "in_place":
+        if base_mode == "in_place" and partitioned:
+            removed = self.removed_left.to(torch.float64) @ self.removed_right.to(torch.float64)
+            truncate_partition(base_layer.weight, removed.T if self.fan_in_fan_out else removed)
+        elif base_mode == "in_place":
             self._write_base_weight(truncate(weight, self.removed_left, self.removed_right))
-        elif base_mode != "non_destructive":
-            raise ValueError(f"base_mode={base_mode!r} is not one of ['in_place', 'non_destructive']")
 
     @property
     def n_removed(self) -> int:
@@ -121,20 +131,37 @@ class KaSALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out)."""
         result = self.base_layer(x)
-        if self.merged:
+        if self.merged or (self.base_mode == "in_place" and not self.adapter_enabled):
             return result
+        # The low-rank terms are accumulated into the base output by addmm on 2-D views: one pass over the
+        # (N, out) activation per term, where a product then a sum (and, for the update, a scaling) would each
+        # read and write it again, in forward and in backward. The base output itself is never written to:
+        # forward hooks (ZeRO-3's among them) may hold it.
+        out = result.reshape(-1, self.out_features)  # (N, out)
         if self.base_mode == "non_destructive":
-            removed = F.linear(
-                F.linear(x.to(self.removed_right.dtype), self.removed_right), self.removed_left
-            )
-            result = result - removed.to(result.dtype)
-        if not self.adapter_enabled:
-            return result
-        h = F.linear(self.lora_dropout(x.to(self.lora_A.dtype)), self.lora_A)  # (..., r)
-        if self.penalty_hook is not None:
-            h = self.penalty_hook(self, h)
-        update = F.linear(h * self.lora_diag, self.lora_B) * self.scaling  # (..., out)
-        return result + update.to(result.dtype)
+            left, right = self.removed_left, self.removed_right  # (out, n), (n, in)
+            if x.dtype == right.dtype == out.dtype:
+                x2d = x.reshape(-1, self.in_features)  # (N, in)
+                out = torch.addmm(out, x2d @ right.T, left.T, alpha=-1)  # out - (x right^T) left^T
+            else:  # addmm takes one dtype (e.g. a bf16 base with fp32 factors)
+                removed = F.linear(F.linear(x.to(right.dtype), right), left)  # (..., out)
+                out = out - removed.reshape(-1, self.out_features).to(out.dtype)
+        if self.adapter_enabled:
+            h = F.linear(self.lora_dropout(x.to(self.lora_A.dtype)), self.lora_A)  # (..., r)
+            if self.penalty_hook is not None:
+                h = self.penalty_hook(self, h)
+            # scaling folded into the (r,) vector: r multiplications instead of N * out
+            h = h.reshape(-1, self.r) * (self.lora_diag * self.scaling)  # (N, r)
+            one_dtype = h.dtype == self.lora_B.dtype == out.dtype
+            if one_dtype and self.base_mode == "non_destructive":
+                # In place on the tensor the correction just made (not the base output), which no autograd node
+                # saved (addmm and sub keep their operands only): one (N, out) copy less.
+                out = out.addmm_(h, self.lora_B.T)  # out += h B^T
+            elif one_dtype:
+                out = torch.addmm(out, h, self.lora_B.T)  # out + h B^T
+            else:  # e.g. a bf16 base with an fp32 adapter
+                out = out + F.linear(h, self.lora_B).to(out.dtype)
+        return out.view(result.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """``dW = scaling * B diag(sigma) A``, (out, in) like ``nn.Linear.weight``, in the adapter dtype."""

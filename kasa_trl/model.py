@@ -25,13 +25,13 @@ from .distributed import (
     rank_and_world,
     sharded_decompose,
     weight_shape,
+    writable_partition,
 )
 from .layer import SUPPORTED_BASE_LAYERS, KaSALinear
 
-# A function computing the removed factors of every target; replaced under ZeRO-3 by a sharded schedule.
-Decomposer = Callable[
-    [dict[str, nn.Module], dict[str, int], KaSAConfig], dict[str, tuple[torch.Tensor, torch.Tensor]]
-]
+# A function computing the removed factors ``(left, right)`` of every target, optionally followed by the original
+# weight's fingerprint; replaced under ZeRO-3 by a sharded schedule (which returns the fingerprints).
+Decomposer = Callable[[dict[str, nn.Module], dict[str, int], KaSAConfig], dict[str, tuple[torch.Tensor, ...]]]
 
 
 def kasa_layers(model: nn.Module) -> dict[str, KaSALinear]:
@@ -70,21 +70,27 @@ def apply_kasa(model: nn.Module, config: KaSAConfig, *, decomposer: Decomposer |
     # Nothing was modified so far; from here on every step succeeds or is a bug.
     layers = []
     for name, module in targets.items():
-        left, right = factors[name]
-        # Under ZeRO-3 the weight is gathered for the truncation and rank 0's result re-partitioned (all ranks
-        # computed the same one from the same factors).
-        modifier = 0 if config.base_mode == "in_place" else None
-        with gathered([module.weight], modifier_rank=modifier):
-            layer = KaSALinear(
-                module,
-                left,
-                right,
-                r=config.r,
-                lora_alpha=config.lora_alpha,
-                lora_dropout=config.lora_dropout,
-                use_rslora=config.use_rslora,
-                base_mode=config.base_mode,
-            )
+        left, right, *known = factors[name]  # the sharded decomposer also returns the original's fingerprint
+        fingerprint = known[0] if known else None
+        layer_args = dict(
+            r=config.r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            use_rslora=config.use_rslora,
+            base_mode=config.base_mode,
+            base_fingerprint=fingerprint,
+        )
+        weight = module.weight
+        in_place = config.base_mode == "in_place"
+        if is_partitioned(weight) and (
+            fingerprint is None or (in_place and writable_partition(weight) is None)
+        ):
+            # Gathered so the layer can fingerprint and truncate the whole weight; rank 0's result is
+            # re-partitioned on exit (every rank computed the same one from the same factors).
+            with gathered([weight], modifier_rank=0 if in_place else None):
+                layer = KaSALinear(module, left, right, **layer_args)
+        else:  # whole, or ZeRO-3 with a known fingerprint: each rank truncates its own partition
+            layer = KaSALinear(module, left, right, **layer_args)
         _set_submodule(model, name, layer)
         layers.append(layer)
     broadcast_adapters(layers)

@@ -170,3 +170,50 @@ def test_rejects_unsupported_base_and_bad_factors():
         KaSALinear(nn.Embedding(4, 4), torch.zeros(4, 1), torch.zeros(1, 4), r=1, lora_alpha=1)
     with pytest.raises(ValueError, match="do not fit"):
         KaSALinear(nn.Linear(4, 6), torch.zeros(4, 1), torch.zeros(1, 4), r=1, lora_alpha=1)
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("base_mode", ["in_place", "non_destructive"])
+@pytest.mark.parametrize("leading", [(5,), (2, 3)])
+def test_forward_and_gradients_equal_the_plain_formula(conv1d, base_mode, leading):
+    """The fused forward (addmm into the base output, scaling folded into sigma) computes, in float64,
+    ``x (W - left right)^T + scaling ((x A^T) * sigma) B^T + bias`` and its gradients."""
+    base = _linear(9, 7, dtype=torch.float64, conv1d=conv1d)
+    w, bias = _weight(base), base.bias.detach().clone()
+    layer = _kasa(base, base_mode=base_mode)
+    assert layer.lora_A.dtype == layer.removed_left.dtype == torch.float64  # one dtype: the addmm path
+    _randomize(layer)
+    seen = []  # the hook still gets the (..., r) activation
+    layer.penalty_hook = lambda _, h: seen.append(h.shape) or h
+    left, right = layer.removed_left, layer.removed_right
+    a, b, d = (p.detach().clone().requires_grad_() for p in layer.adapter_params().values())
+    x = torch.randn(*leading, 7, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    expected = x_ref @ (w - left @ right).T + layer.scaling * ((x_ref @ a.T) * d) @ b.T + bias
+    out = layer(x)
+    assert out.shape == (*leading, 9) and out.dtype == torch.float64
+    assert seen == [(*leading, layer.r)]
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    grad_out = torch.randn_like(expected)
+    out.backward(grad_out)
+    expected.backward(grad_out)
+    for param, ref in zip(layer.adapter_params().values(), (a, b, d), strict=True):
+        torch.testing.assert_close(param.grad, ref.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("base_mode", ["in_place", "non_destructive"])
+def test_adapter_disabled_and_one_dimensional_input(conv1d, base_mode):
+    base = _linear(9, 7, dtype=torch.float64, conv1d=conv1d)
+    w, bias = _weight(base), base.bias.detach().clone()
+    layer = _kasa(base, base_mode=base_mode)
+    _randomize(layer)
+    w_trunc = w - layer.removed_left @ layer.removed_right
+    x = torch.randn(7, dtype=torch.float64)
+    out = layer(x)
+    assert out.shape == (9,)
+    torch.testing.assert_close(out, x @ (w_trunc + layer.delta_weight()).T + bias, rtol=1e-10, atol=1e-10)
+    layer.adapter_enabled = False
+    x = torch.randn(2, 3, 7, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), x @ w_trunc.T + bias, rtol=1e-10, atol=1e-10)

@@ -97,14 +97,36 @@ def test_zero3_equals_single_process_and_shards_decomposition(tmp_path, single):
     diff = _relative_difference(single(3), result)
     assert diff <= RTOL, f"ZeRO-3 adapter differs from single process by {diff:.2e} (relative)"
     _assert_same_logs(single(3), result)
-    # The truncation equals the single-process one on every rank, and each rank decomposed only its share.
+    # The truncation is bit-identical to the single-process one on every rank, each rank decomposed only its
+    # share, and no weight was gathered again to build the layers (each rank truncated its own partition).
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     reference = single(3)["truncated"]
     for rank in ranks:
         for name, weight in reference.items():
-            torch.testing.assert_close(rank["truncated"][name], weight, rtol=0, atol=1e-6, msg=name)
+            torch.testing.assert_close(rank["truncated"][name], weight, rtol=0, atol=0, msg=name)
     counts = [rank["decomposed"] for rank in ranks]
     assert sum(counts) == len(reference) and max(counts) - min(counts) <= 1, counts
+    assert [rank["layer_gathers"] for rank in ranks] == [0, 0]
+
+
+@pytest.mark.parametrize(
+    "base_mode, extra",
+    [("in_place", ("--gather_layers",)), ("non_destructive", ())],
+    ids=["in_place-gathered-fallback", "non_destructive"],
+)
+def test_zero3_other_layer_build_paths(tmp_path, single, base_mode, extra):
+    """In-place truncation through gathered weights (when partitions cannot be written: hpZ, quantized, NVMe)
+    and the non-destructive mode (nothing written) give the single process's training run too."""
+    result = _run(tmp_path, "--stage", "3", "--steps", "3", "--base_mode", base_mode, *extra, nproc=2)
+    diff = _relative_difference(single(3), result)
+    assert diff <= RTOL, f"ZeRO-3 {base_mode} adapter differs from single process by {diff:.2e} (relative)"
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    n_layers = len(single(3)["truncated"])
+    assert [rank["layer_gathers"] for rank in ranks] == [n_layers if extra else 0] * 2
+    if base_mode == "in_place":
+        for rank in ranks:
+            for name, weight in single(3)["truncated"].items():
+                torch.testing.assert_close(rank["truncated"][name], weight, rtol=0, atol=0, msg=name)
 
 
 def test_zero3_reentrant_checkpointing_and_resume(tmp_path, single):

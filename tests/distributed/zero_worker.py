@@ -48,6 +48,11 @@ def main() -> None:
     parser.add_argument("--save_steps", type=int, default=0)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--base_mode", default="in_place")
+    parser.add_argument(
+        "--gather_layers",
+        action="store_true",
+        help="build the layers from gathered weights (the fallback path)",
+    )
     args = parser.parse_args()
 
     from trl import SFTConfig
@@ -112,6 +117,16 @@ def main() -> None:
 
     kasa_trl.distributed.minor_components = counting
     kasa_trl.model.minor_components = counting
+    # Gathers while building the layers (each rank should write its own partition instead).
+    layer_gathers: list[str] = []
+
+    def counting_gathered(params, modifier_rank=None, _gathered=kasa_trl.model.gathered):
+        layer_gathers.append(str(modifier_rank))
+        return _gathered(params, modifier_rank=modifier_rank)
+
+    kasa_trl.model.gathered = counting_gathered
+    if args.gather_layers:  # as for ZeRO++ hpZ, quantized or NVMe-offloaded partitions
+        kasa_trl.model.writable_partition = lambda param: None
     start = time.perf_counter()
     trainer = KaSATrainer(
         model=model,
@@ -132,7 +147,8 @@ def main() -> None:
             truncated[name] = layer.base_layer.weight.detach().clone()
     rank = int(os.environ.get("RANK", "0"))
     torch.save(
-        {"decomposed": len(decomposed), "truncated": truncated}, os.path.join(args.out, f"rank{rank}.pt")
+        {"decomposed": len(decomposed), "truncated": truncated, "layer_gathers": len(layer_gathers)},
+        os.path.join(args.out, f"rank{rank}.pt"),
     )
     if trainer.args.should_save:
         torch.save(
