@@ -18,7 +18,7 @@ the (far better conditioned) Gram of that projection again. Random-init and trai
 weights need one level, which is exactly ``gram_eigh``; a cond-1e4 geometric tail needs a second level over
 ~10% of the directions, cond 1e6 a third. The result is within ~1e-9 of float64 SVD up to cond 1e6
 (``tests/test_decomposition.py``, ``tests/test_errors.py``); speed and accuracy per method and spectrum are
-measured by ``examples/benchmarks/decomposition_methods.py`` (table in the README).
+measured by ``examples/benchmarks/decomposition_methods.py``.
 """
 
 from __future__ import annotations
