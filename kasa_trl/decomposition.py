@@ -225,6 +225,13 @@ def _minor_gram(a: torch.Tensor, n: int, max_levels: int) -> tuple[torch.Tensor,
     drops the dominant directions whose rounding would swamp the small ones, so the next Gram is better conditioned.
     """
     backend = _symeig.backend_for(a)
+    with _symeig.torch_threads_yielding(backend):
+        return _minor_gram_levels(a, n, max_levels, backend)
+
+
+def _minor_gram_levels(
+    a: torch.Tensor, n: int, max_levels: int, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     basis, b = None, a
     for level in range(1, max_levels + 1):
         g = _symeig.gram(b, backend)

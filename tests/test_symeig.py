@@ -74,3 +74,30 @@ def test_lapack_is_the_cpu_default_when_scipy_is_installed():
     expected = "torch" if _symeig.scipy_linalg() is None else "lapack"
     assert _symeig.backend_for(torch.zeros(2, 2)) == expected
     assert _symeig.backend_for(torch.zeros(2, 2, device="meta")) == "torch"
+
+
+def test_torch_threads_are_restored_after_the_lapack_path(monkeypatch):
+    """The decomposition runs torch single-threaded around OpenBLAS, and gives the caller's setting back, also
+    when it fails."""
+    from kasa_trl.decomposition import minor_components
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(_symeig, "backend_for", lambda t: "lapack")
+        seen = []
+        original = _symeig.LowestEigh.__init__
+
+        def spy(self, g, backend):
+            seen.append(torch.get_num_threads())
+            original(self, g, backend)
+
+        monkeypatch.setattr(_symeig.LowestEigh, "__init__", spy)
+        if _symeig.scipy_linalg() is not None:
+            minor_components(torch.randn(6, 9, dtype=F64), 2, "gram_eigh")
+            assert seen == [1] and torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="non-finite"):
+            minor_components(torch.full((6, 9), float("nan")), 2, "gram_eigh")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
