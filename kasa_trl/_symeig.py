@@ -1,7 +1,7 @@
 """Gram matrices and their smallest eigenpairs, without the eigenvectors KaSA does not need.
 
 KaSA needs the eigenvectors of the ``m`` smallest eigenvalues of a ``k x k`` Gram matrix (``m`` is ``n`` or, when
-deflating, a few times ``n``), and every eigenvalue to decide ``m``. ``torch.linalg.eigh`` (LAPACK ``syevd``)
+deflating, a few times ``n``), and three eigenvalues to decide ``m``. ``torch.linalg.eigh`` (LAPACK ``syevd``)
 always computes all ``k`` eigenvectors, about three times the work. On CPU, with SciPy installed, this module
 splits the problem the way LAPACK's ``syevr`` does, but keeps the O(k^3) part to a single pass:
 
@@ -126,7 +126,11 @@ class LowestEigh:
         """(k, j) orthonormal eigenvectors of every eigenvalue <= ``bound``, ascending."""
         if self.backend == "torch":
             return self._eigvecs[:, : int((self._eigvals <= bound).sum())]
-        below = -1.0 - abs(bound) - self.largest()  # under every eigenvalue: (below, bound] is all of them
+        # Gershgorin: every eigenvalue of T is >= min_i d_i - |e_{i-1}| - |e_i|, so (below, bound] holds them all.
+        radius = torch.zeros(self.k, dtype=torch.float64)
+        radius[:-1] += torch.from_numpy(abs(self._e))
+        radius[1:] += torch.from_numpy(abs(self._e))
+        below = float((torch.from_numpy(self._d) - radius).min()) - 1.0
         return self._back_transform(self._tridiagonal_eigvecs(select="v", select_range=(below, bound)))
 
     def _tridiagonal_eigvals(self, first: int, last: int):

@@ -6,12 +6,12 @@ pure function of tensors, computed in float64 and returned in at least float32.
 
 The ``n`` smallest triplets need no full SVD. ``gram_eigh`` takes the eigenproblem of the smaller Gram matrix
 ``A A^T`` (``A`` = ``W`` or ``W^T``) and gets ``R`` as a projection, ``R = Q_n (Q_n^T A)``: nothing is divided by
-singular values, so it stays exact when they are ~0. Only the ``n`` smallest eigenvectors are computed
-(``_symeig``: one tridiagonalization, every eigenvalue, ``n`` eigenvectors; 2x cheaper than ``torch.linalg.eigh``
-on CPU). But the Gram squares the condition number: rounding (``eps * lambda_max``) turns the removed directions
+singular values, so it stays exact when they are ~0. Only what is used is computed (``_symeig``: one
+tridiagonalization, three eigenvalues by bisection, ``n`` eigenvectors; 2x cheaper than ``torch.linalg.eigh`` on
+CPU). But the Gram squares the condition number: rounding (``eps * lambda_max``) turns the removed directions
 by ``eps * lambda_max / (lambda_{n+1} - lambda_n)``, 1e-6..1e-4 relative error in ``R`` on a cond-1e6 long tail.
 
-``gram_deflated`` (``auto``) computes that predicted error from the eigenvalues, which come for free. When it is
+``gram_deflated`` (``auto``) computes that predicted error from ``lambda_max``, ``lambda_n`` and ``lambda_{n+1}``. When it is
 above ``_TARGET_ERROR`` it deflates: it keeps the eigenvectors with eigenvalue below a bound chosen so that the
 dropped dominant directions cannot leak into ``R`` by more than the target, projects ``A`` onto them and solves
 the (far better conditioned) Gram of that projection again. Random-init and trained-like (flat bulk, short tail)
@@ -94,8 +94,13 @@ def truncate(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> t
             f"factors left {tuple(left.shape)} and right {tuple(right.shape)} do not fit weight {tuple(weight.shape)}: "
             f"expected ({out_features}, n) and (n, {in_features})"
         )
-    f64 = torch.float64
-    return (weight.to(f64) - left.to(f64) @ right.to(f64)).to(weight.dtype)
+    return (weight.to(torch.float64) - removed_float64(left, right)).to(weight.dtype)
+
+
+def removed_float64(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``R = left @ right`` (out, in) in float64: the product ``truncate`` subtracts. Anything that truncates a
+    piece of a weight (a ZeRO-3 partition) subtracts a slice of this, so it matches ``truncate`` bit for bit."""
+    return left.to(torch.float64) @ right.to(torch.float64)
 
 
 def singular_values(weight: torch.Tensor) -> torch.Tensor:

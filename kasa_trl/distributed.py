@@ -122,7 +122,8 @@ def truncate_partition(param: torch.Tensor, removed: torch.Tensor) -> None:
 
     Args:
         param (torch.Tensor): a ZeRO-3 parameter with a ``writable_partition``.
-        removed (torch.Tensor): R in the parameter's own layout (``(in, out)`` for Conv1D), float64.
+        removed (torch.Tensor): ``decomposition.removed_float64`` in the parameter's own layout (transposed for
+            Conv1D).
     """
     shard = writable_partition(param)
     if shard is None:

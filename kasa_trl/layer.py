@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .decomposition import truncate
+from .decomposition import removed_float64, truncate
 from .distributed import is_partitioned, truncate_partition, weight_shape
 from .fingerprint import weight_fingerprint
 
@@ -107,7 +107,7 @@ class KaSALinear(nn.Module):
         )
         self.reset_parameters()
         if base_mode == "in_place" and partitioned:
-            removed = self.removed_left.to(torch.float64) @ self.removed_right.to(torch.float64)
+            removed = removed_float64(self.removed_left, self.removed_right)
             truncate_partition(base_layer.weight, removed.T if self.fan_in_fan_out else removed)
         elif base_mode == "in_place":
             self._write_base_weight(truncate(weight, self.removed_left, self.removed_right))
