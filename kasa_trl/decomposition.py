@@ -23,6 +23,10 @@ measured by ``examples/benchmarks/decomposition_methods.py``.
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import torch
 
 from . import _symeig
@@ -37,6 +41,8 @@ _TARGET_ERROR = 1e-8
 # Kept directions reach at least 4x lambda_n: a clear gap between what the next level sees and the cut.
 _DEFLATION_MARGIN = 4.0
 _NON_FINITE = "weight has non-finite entries (nan or inf); check the checkpoint before truncating it"
+# minor_components_many's default cap on threads: each holds ~3 float64 copies of its weight.
+_MAX_WORKERS = 8
 # Each level divides lambda_max by >= _DEFLATION_MARGIN (or ends), and float64 squares span 1e16: a safety cap.
 _MAX_LEVELS = 8
 
@@ -55,6 +61,70 @@ def minor_components(weight: torch.Tensor, n: int, method: str = "auto") -> tupl
         ``torch.promote_types(weight.dtype, torch.float32)``.
     """
     _check_minor_args(weight, n, method)
+    return _minor_components(weight, n, method, cpu_threads=torch.get_num_threads())
+
+
+def minor_components_many(
+    weights: Sequence[torch.Tensor], ns: Sequence[int], method: str = "auto", *, workers: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``minor_components(weight, n, method)`` of each pair, in order, decomposing up to ``workers`` at once.
+
+    On CPU (the LAPACK backend) the weights are spread over ``workers`` threads, each with ``1 / workers`` of the
+    caller's torch thread budget; the BLAS/LAPACK calls release the GIL. Independent decompositions on separate
+    cores scale better than one decomposition on several: the tridiagonalization is half memory-bound, the
+    tridiagonal eigenvector step sequential. A weight's factors are those ``minor_components`` gives with that
+    thread budget (bit for bit with 1 thread per worker). Every argument is checked before anything runs.
+
+    Args:
+        weights (Sequence[torch.Tensor]): each (out, in), as for ``minor_components``.
+        ns (Sequence[int]): how many triplets to remove from each.
+        method (str): one of ``DECOMPOSITION_METHODS``.
+        workers (int | None): threads; by default ``min(torch.get_num_threads(), len(weights), 8)`` on CPU, 1
+            elsewhere (CUDA decompositions queue on one device anyway). Each holds ~3 float64 copies of its weight.
+
+    Yields:
+        (left (out, n), right (n, in)) per weight, as ``minor_components`` returns them.
+    """
+    if len(weights) != len(ns):
+        raise ValueError(f"got {len(weights)} weights but {len(ns)} values of n")
+    for weight, n in zip(weights, ns, strict=True):
+        _check_minor_args(weight, n, method)
+    budget = torch.get_num_threads()
+    if workers is None:
+        on_cpu = all(_symeig.backend_for(w) == "lapack" for w in weights)
+        workers = min(budget, len(weights), _MAX_WORKERS) if on_cpu else 1
+    elif workers < 1:
+        raise ValueError(f"workers={workers} must be >= 1")
+    if workers <= 1:
+        for weight, n in zip(weights, ns, strict=True):
+            yield _minor_components(weight, n, method, cpu_threads=budget)
+        return
+    with _symeig.cpu_threads("lapack", blas_threads=max(1, budget // workers)):
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="kasa-decompose")
+        try:
+            pending: deque[Future] = deque()
+            for weight, n in zip(weights, ns, strict=True):
+                pending.append(pool.submit(_worker_minor_components, weight, n, method))
+                if len(pending) > workers:  # at most `workers` in flight: each holds float64 copies
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_minor_components(weight: torch.Tensor, n: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # A new thread starts from the libraries' default thread counts (torch keeps OpenMP's and MKL's per thread):
+    # set them, or MKL would run each worker's products on every core.
+    torch.set_num_threads(1)
+    return _minor_components(weight, n, method, cpu_threads=None)
+
+
+def _minor_components(
+    weight: torch.Tensor, n: int, method: str, cpu_threads: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``minor_components`` without the argument checks. ``cpu_threads``: the thread budget of the LAPACK path, or
+    None where the caller has set the threads already (``minor_components_many``'s workers)."""
     dtype = torch.promote_types(weight.dtype, torch.float32)
     out_features, in_features = weight.shape
     if n == 0:
@@ -67,7 +137,7 @@ def minor_components(weight: torch.Tensor, n: int, method: str = "auto") -> tupl
     if method == "svd":
         u, s, vh = _minor_svd(a, n)
     else:
-        u, s, vh = _minor_gram(a, n, max_levels=1 if method == "gram_eigh" else _MAX_LEVELS)
+        u, s, vh = _minor_gram(a, n, 1 if method == "gram_eigh" else _MAX_LEVELS, cpu_threads)
     if transposed:  # R = (u s vh)^T = vh^T s u^T
         u, vh = vh.T, u.T
     return (u * s).to(dtype), vh.to(dtype)
@@ -223,14 +293,18 @@ def _minor_svd(a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, tor
     return u[:, k - n :], s[k - n :], vh[k - n :]
 
 
-def _minor_gram(a: torch.Tensor, n: int, max_levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _minor_gram(
+    a: torch.Tensor, n: int, max_levels: int, cpu_threads: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The n smallest triplets of ``a`` (m, p), m <= p, from Gram eigenproblems, deflating up to ``max_levels`` times.
 
     ``basis`` (m, j) spans the directions still in play; ``b = basis^T a`` (j, p) is ``a`` seen in them. Each level
     drops the dominant directions whose rounding would swamp the small ones, so the next Gram is better conditioned.
     """
     backend = _symeig.backend_for(a)
-    with _symeig.torch_threads_yielding(backend):
+    if cpu_threads is None:
+        return _minor_gram_levels(a, n, max_levels, backend)
+    with _symeig.cpu_threads(backend, cpu_threads):
         return _minor_gram_levels(a, n, max_levels, backend)
 
 

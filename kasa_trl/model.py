@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from .config import KaSAConfig
-from .decomposition import minor_components
+from .decomposition import minor_components_many
 from .distributed import (
     broadcast_adapters,
     gathered,
@@ -102,13 +102,16 @@ def apply_kasa(model: nn.Module, config: KaSAConfig, *, decomposer: Decomposer |
 def decompose_targets(
     targets: dict[str, nn.Module], n_removed: dict[str, int], config: KaSAConfig
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The removed factors ``(left (out, n), right (n, in))`` of each target, one after the other."""
-    factors = {}
+    """The removed factors ``(left (out, n), right (n, in))`` of each target (several at once on CPU cores)."""
     for name, module in targets.items():
         _check_finite_weight(name, base_weight(module))
-    for name, module in _progress(targets.items(), "KaSA: decomposing"):
-        factors[name] = minor_components(base_weight(module), n_removed[name], config.decomposition_method)
-    return factors
+    names = list(targets)
+    results = minor_components_many(
+        [base_weight(targets[name]) for name in names],
+        [n_removed[name] for name in names],
+        config.decomposition_method,
+    )
+    return dict(zip(names, _progress(results, "KaSA: decomposing", total=len(names)), strict=True))
 
 
 def base_weight(module: nn.Module) -> torch.Tensor:
@@ -256,7 +259,9 @@ def _drop_config(model: nn.Module) -> None:
         del model.kasa_config
 
 
-def _progress(items, desc: str):
-    items = list(items)
+def _progress(items, desc: str, total: int | None = None):
+    if total is None:
+        items = list(items)
+        total = len(items)
     rank = int(os.environ.get("RANK", "0"))
-    return tqdm(items, desc=desc, unit="layer", disable=rank != 0 or len(items) < 2, leave=False)
+    return tqdm(items, desc=desc, unit="layer", total=total, disable=rank != 0 or total < 2, leave=False)

@@ -13,6 +13,7 @@ from kasa_trl.decomposition import (
     factor_singular_values,
     lora_export_factors,
     minor_components,
+    minor_components_many,
     orthogonality_error,
     singular_values,
     truncate,
@@ -184,6 +185,57 @@ def test_remove_nothing_or_everything(method, aspect):
 def test_minor_components_errors(weight, n, method, match):
     with pytest.raises(ValueError, match=match):
         minor_components(weight, n, method)
+
+
+@pytest.fixture
+def two_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _mixed_weights() -> tuple[list[torch.Tensor], list[int]]:
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(12, 20), (20, 12), (16, 16), (9, 30), (30, 9)]
+    weights = [
+        torch.randn(*shape, generator=gen, dtype=dtype)
+        for shape, dtype in zip(shapes, [F64, torch.float32] * 3, strict=False)
+    ]
+    return weights, [3, 0, 5, 2, 9]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize("method", DECOMPOSITION_METHODS)
+def test_many_at_once_is_one_at_a_time(method, workers, two_threads):
+    """Each weight's factors do not depend on how many are decomposed at once: bit for bit those of
+    minor_components with each worker's thread budget (1 thread here with 2 or 3 workers)."""
+    weights, ns = _mixed_weights()
+    together = list(minor_components_many(weights, ns, method, workers=workers))
+    assert torch.get_num_threads() == 2  # the caller's setting is back
+    torch.set_num_threads(2 if workers == 1 else 1)
+    for (left, right), weight, n in zip(together, weights, ns, strict=True):
+        expected_left, expected_right = minor_components(weight, n, method)
+        assert torch.equal(left, expected_left) and torch.equal(right, expected_right)
+
+
+def test_many_checks_everything_first_and_raises_what_a_worker_raised(two_threads):
+    weights, ns = _mixed_weights()
+    with pytest.raises(ValueError, match="2 values of n"):
+        minor_components_many(weights, ns[:2]).__next__()
+    with pytest.raises(ValueError, match="workers=0"):
+        minor_components_many(weights, ns, workers=0).__next__()
+    with pytest.raises(ValueError, match=r"n=10 must be in \[0, min\(out, in\)=9\]"):
+        minor_components_many(weights, [*ns[:4], 10]).__next__()  # the last one is refused before any runs
+    poisoned = [*weights[:3], torch.full((9, 30), float("nan")), weights[4]]
+    results = minor_components_many(poisoned, ns, "auto", workers=2)
+    with pytest.raises(ValueError, match="non-finite"):
+        list(results)
+    assert torch.get_num_threads() == 2
+    early = minor_components_many(weights, ns, workers=2)
+    next(early)
+    early.close()  # a caller that stops early gets its threads back
+    assert torch.get_num_threads() == 2
 
 
 def test_truncate_rejects_factors_of_another_weight():

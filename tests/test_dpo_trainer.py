@@ -84,15 +84,14 @@ def completion_logps(model, input_ids, attention_mask, labels):
 
 def test_step0_loss_is_ln2_and_no_second_decomposition(tmp_path, tokenizer, dataset, monkeypatch):
     calls = []
-    original = kasa_trl.decomposition.minor_components
+    original = kasa_trl.decomposition._minor_components
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    # model.py imported the function by name: patch both references.
-    monkeypatch.setattr(kasa_trl.decomposition, "minor_components", counting)
-    monkeypatch.setattr(kasa_trl.model, "minor_components", counting)
+    # Every decomposition (one at a time, several at once, sharded) goes through this one function.
+    monkeypatch.setattr(kasa_trl.decomposition, "_minor_components", counting)
     trainer = make_trainer(tmp_path, tokenizer, dataset, max_steps=3)
     n_layers = len(kasa_layers(trainer.model))
     assert len(calls) == n_layers  # one decomposition per layer, for the policy only

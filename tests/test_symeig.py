@@ -5,12 +5,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kasa_trl import _symeig
+from kasa_trl import _lapack, _symeig
 
 F64 = torch.float64
 EPS = torch.finfo(F64).eps
 BACKENDS = [
-    pytest.param(b, marks=pytest.mark.skipif(_symeig.scipy_linalg() is None, reason="SciPy is not installed"))
+    pytest.param(b, marks=pytest.mark.skipif(not _lapack.available(), reason="SciPy is not installed"))
     if b == "lapack"
     else b
     for b in _symeig.BACKENDS
@@ -71,7 +71,7 @@ def test_lowest_eigenpairs_match_eigh(backend, k, extra, rank_deficit, m, seed):
 
 
 def test_lapack_is_the_cpu_default_when_scipy_is_installed():
-    expected = "torch" if _symeig.scipy_linalg() is None else "lapack"
+    expected = "torch" if not _lapack.available() else "lapack"
     assert _symeig.backend_for(torch.zeros(2, 2)) == expected
     assert _symeig.backend_for(torch.zeros(2, 2, device="meta")) == "torch"
 
@@ -93,7 +93,7 @@ def test_torch_threads_are_restored_after_the_lapack_path(monkeypatch):
             original(self, g, backend)
 
         monkeypatch.setattr(_symeig.LowestEigh, "__init__", spy)
-        if _symeig.scipy_linalg() is not None:
+        if _lapack.available():
             minor_components(torch.randn(6, 9, dtype=F64), 2, "gram_eigh")
             assert seen == [1] and torch.get_num_threads() == 2
         with pytest.raises(ValueError, match="non-finite"):
