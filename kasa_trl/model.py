@@ -103,15 +103,19 @@ def decompose_targets(
     targets: dict[str, nn.Module], n_removed: dict[str, int], config: KaSAConfig
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The removed factors ``(left (out, n), right (n, in))`` of each target (several at once on CPU cores)."""
-    for name, module in targets.items():
-        _check_finite_weight(name, base_weight(module))
     names = list(targets)
-    results = minor_components_many(
-        [base_weight(targets[name]) for name in names],
-        [n_removed[name] for name in names],
-        config.decomposition_method,
-    )
-    return dict(zip(names, _progress(results, "KaSA: decomposing", total=len(names)), strict=True))
+    weights = [base_weight(targets[name]) for name in names]
+    results = minor_components_many(weights, [n_removed[name] for name in names], config.decomposition_method)
+    factors = {}
+    for name, weight in _progress(list(zip(names, weights, strict=True)), "KaSA: decomposing"):
+        try:
+            factors[name] = next(results)
+        except ValueError:
+            # The decomposition finds a non-finite weight from its Gram's diagonal, without a pass of its own
+            # over every weight: name the layer (nothing was modified yet).
+            _check_finite_weight(name, weight)
+            raise
+    return factors
 
 
 def base_weight(module: nn.Module) -> torch.Tensor:
@@ -259,9 +263,7 @@ def _drop_config(model: nn.Module) -> None:
         del model.kasa_config
 
 
-def _progress(items, desc: str, total: int | None = None):
-    if total is None:
-        items = list(items)
-        total = len(items)
+def _progress(items, desc: str):
+    items = list(items)
     rank = int(os.environ.get("RANK", "0"))
-    return tqdm(items, desc=desc, unit="layer", total=total, disable=rank != 0 or total < 2, leave=False)
+    return tqdm(items, desc=desc, unit="layer", disable=rank != 0 or len(items) < 2, leave=False)
