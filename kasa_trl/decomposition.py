@@ -165,7 +165,9 @@ def truncate(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> t
             f"expected ({out_features}, n) and (n, {in_features})"
         )
     w = weight.to(torch.float64, copy=True)
-    return w.sub_(removed_float64(left, right)).to(weight.dtype)  # in place: one (out, in) float64 buffer less
+    return w.sub_(removed_float64(left, right)).to(
+        weight.dtype
+    )  # in place: one (out, in) float64 buffer less
 
 
 def removed_float64(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
