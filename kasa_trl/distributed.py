@@ -1,8 +1,8 @@
 """DeepSpeed ZeRO-3 helpers: gathering partitioned parameters and the sharded decomposition schedule.
 
 Under ZeRO-3 (``deepspeed.zero.Init``) no rank holds a whole weight outside a gather. ``sharded_decompose``
-splits the decomposition work over the ranks: the targets are taken ``world_size`` at a time, each group is
-gathered once, rank ``i % world_size`` decomposes target ``i`` (and fingerprints its original weight) while the
+splits the decomposition work over the ranks: the targets, largest first, are taken ``world_size`` at a time,
+each group is gathered once, rank ``i % world_size`` decomposes target ``i`` (and fingerprints its original weight) while the
 others decompose theirs, and only the rank-n factors and fingerprints travel afterwards (a broadcast from each
 owner). Every rank then holds the same factors; ``truncate_partition`` writes ``W_trunc`` into each rank's own
 partition with the arithmetic of ``decomposition.truncate``, so no weight is gathered a second time.
@@ -11,6 +11,7 @@ partition with the arithmetic of ``decomposition.truncate``, so no weight is gat
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -68,7 +69,9 @@ def sharded_decompose(
     from .model import _check_finite_weight, _progress, base_weight
 
     rank, world = rank_and_world()
-    names = list(targets)
+    # Largest first, so the ranks of a group decompose weights of one size and none waits long for another
+    # (a stable sort of the same list on every rank: the same schedule everywhere).
+    names = sorted(targets, key=lambda name: -math.prod(weight_shape(targets[name])))
     owner = {name: i % world for i, name in enumerate(names)}
     mine: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     groups = [names[i : i + world] for i in range(0, len(names), world)]
