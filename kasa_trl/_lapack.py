@@ -88,13 +88,7 @@ def sytrd_lower(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     """
     k = _check_column_major(g)
     d, e, tau = (torch.empty(size, dtype=_F64) for size in (k, max(k - 1, 0), max(k - 1, 0)))
-    args = (b"L", _i(k), g, _i(max(k, 1)), d, e, tau)
-    query, info = torch.empty(1, dtype=_F64), ctypes.c_int(0)
-    _call("dsytrd", *args, query, _i(-1), info)
-    _check(info, "dsytrd")
-    work = torch.empty(max(int(query[0]), 1), dtype=_F64)
-    _call("dsytrd", *args, work, _i(work.numel()), info)
-    _check(info, "dsytrd")
+    _call_with_workspace("dsytrd", b"L", _i(k), g, _i(max(k, 1)), d, e, tau)
     return d, e, tau
 
 
@@ -175,13 +169,7 @@ def ormtr_lower(reflectors: torch.Tensor, tau: torch.Tensor, z: torch.Tensor) ->
         raise ValueError(
             f"z must be column-major (k, m) with k={k}, got shape {tuple(z.shape)} strides {z.stride()}"
         )
-    args = (b"L", b"L", b"N", _i(k), _i(m), reflectors, _i(k), tau, z, _i(k))
-    query, info = torch.empty(1, dtype=_F64), ctypes.c_int(0)
-    _call("dormtr", *args, query, _i(-1), info)
-    _check(info, "dormtr")
-    work = torch.empty(max(int(query[0]), 1), dtype=_F64)
-    _call("dormtr", *args, work, _i(work.numel()), info)
-    _check(info, "dormtr")
+    _call_with_workspace("dormtr", b"L", b"L", b"N", _i(k), _i(m), reflectors, _i(k), tau, z, _i(k))
     return z
 
 
@@ -190,6 +178,17 @@ def _call(name: str, *args) -> None:
     takes every argument by reference), characters as one-byte strings; the caller keeps them alive."""
     routine = routines()[name]
     routine(*(_pointer(a) for a in args))
+
+
+def _call_with_workspace(name: str, *args) -> None:
+    """Call a routine whose last three arguments are ``work, lwork, info``: first as a workspace query
+    (``lwork = -1``: the optimal size comes back in ``work[0]``), then for real."""
+    query, info = torch.empty(1, dtype=_F64), ctypes.c_int(0)
+    _call(name, *args, query, _i(-1), info)
+    _check(info, name)
+    work = torch.empty(max(int(query[0]), 1), dtype=_F64)
+    _call(name, *args, work, _i(work.numel()), info)
+    _check(info, name)
 
 
 def _pointer(arg):
