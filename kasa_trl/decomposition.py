@@ -41,7 +41,7 @@ _TARGET_ERROR = 1e-8
 # Kept directions reach at least 4x lambda_n: a clear gap between what the next level sees and the cut.
 _DEFLATION_MARGIN = 4.0
 _NON_FINITE = "weight has non-finite entries (nan or inf); check the checkpoint before truncating it"
-# minor_components_many's default cap on threads: each holds ~3 float64 copies of its weight.
+# minor_components_many's default cap on threads (a memory cap applies too).
 _MAX_WORKERS = 8
 # Each level divides lambda_max by >= _DEFLATION_MARGIN (or ends), and float64 squares span 1e16: a safety cap.
 _MAX_LEVELS = 8
@@ -79,8 +79,10 @@ def minor_components_many(
         weights (Sequence[torch.Tensor]): each (out, in), as for ``minor_components``.
         ns (Sequence[int]): how many triplets to remove from each.
         method (str): one of ``DECOMPOSITION_METHODS``.
-        workers (int | None): threads; by default ``min(torch.get_num_threads(), len(weights), 8)`` on CPU, 1
-            elsewhere (CUDA decompositions queue on one device anyway). Each holds ~3 float64 copies of its weight.
+        workers (int | None): threads; by default ``min(torch.get_num_threads(), len(weights), 8)`` on CPU, and
+            no more than half the available memory holds (each needs a float64 copy of its weight and its Gram
+            matrix, ``8 (out in + k^2)`` bytes, ~1.2x that at its peak); 1 elsewhere (CUDA decompositions queue on
+            one device anyway).
 
     Yields:
         (left (out, n), right (n, in)) per weight, as ``minor_components`` returns them.
@@ -91,8 +93,7 @@ def minor_components_many(
         _check_minor_args(weight, n, method)
     budget = torch.get_num_threads()
     if workers is None:
-        on_cpu = all(_symeig.backend_for(w) == "lapack" for w in weights)
-        workers = min(budget, len(weights), _MAX_WORKERS) if on_cpu else 1
+        workers = _default_workers(weights, budget)
     elif workers < 1:
         raise ValueError(f"workers={workers} must be >= 1")
     if workers <= 1:
@@ -111,6 +112,29 @@ def minor_components_many(
                 yield pending.popleft().result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _default_workers(weights: Sequence[torch.Tensor], budget: int) -> int:
+    if not weights or not all(_symeig.backend_for(w) == "lapack" for w in weights):
+        return 1
+    workers = min(budget, len(weights), _MAX_WORKERS)
+    available = _available_memory()
+    if available is not None:
+        largest = max(8 * (w.numel() + min(w.shape) ** 2) * 1.25 for w in weights)  # bytes at one's peak
+        workers = min(workers, max(1, int(available / 2 // largest)))
+    return workers
+
+
+def _available_memory() -> int | None:
+    """Bytes the kernel reports available (Linux ``MemAvailable``), or None where it does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _worker_minor_components(weight: torch.Tensor, n: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -238,6 +238,25 @@ def test_many_checks_everything_first_and_raises_what_a_worker_raised(two_thread
     assert torch.get_num_threads() == 2
 
 
+def test_default_workers_fit_threads_layers_and_memory(monkeypatch, symeig_backend):
+    import kasa_trl.decomposition as decomposition
+
+    def workers(weights, budget, available):
+        monkeypatch.setattr(decomposition, "_available_memory", lambda: available)
+        return decomposition._default_workers(weights, budget)
+
+    weights = [torch.zeros(64, 128)] * 5  # each needs 8 * (64 * 128 + 64**2) * 1.25 = 120 KiB at its peak
+    if symeig_backend == "torch":  # CUDA or no SciPy: one at a time
+        assert workers(weights, 4, None) == 1
+        return
+    assert workers(weights, 4, 10**12) == 4  # the thread budget
+    assert workers(weights[:2], 4, 10**12) == 2  # the layers
+    assert workers(weights * 4, 64, 10**12) == decomposition._MAX_WORKERS
+    assert workers(weights, 4, 2 * 3 * 120 * 1024) == 3  # half the available memory holds three
+    assert workers(weights, 4, 1000) == 1  # not even one: still one
+    assert workers(weights, 4, None) == 4  # unknown memory: threads and layers decide
+
+
 def test_truncate_rejects_factors_of_another_weight():
     with pytest.raises(ValueError, match=r"do not fit weight \(4, 6\): expected \(4, n\) and \(n, 6\)"):
         truncate(torch.ones(4, 6), torch.ones(4, 2), torch.ones(2, 5))
