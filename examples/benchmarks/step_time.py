@@ -13,7 +13,9 @@ A raw loop, no Trainer: the same batch every step, ``torch.optim.AdamW`` over th
 Same r, alpha, targets (checked) and dtype; default regularizer weights equal PEFT's (beta 1e-4, gamma 1e-3).
 Time: every peer's model is built once, warmed up by one step, then each repetition runs ``--steps`` steps of
 every peer in a rotating order; a repetition's figure is the median step, a ratio the median over repetitions of
-the per-repetition ratio. Wall-clock time decides the goals; the CPU time of the process (all threads) is reported
+the per-repetition ratio. The default, one step per peer and 30 repetitions, pairs steps seconds apart: on a shared
+machine whose load changes over seconds, blocks of several steps per peer gave per-repetition ratios from 0.8 to
+1.2. Wall-clock time decides the goals; the CPU time of the process (all threads) is reported
 next to it: on a shared machine it leaves out the time spent waiting for a core.
 
 Memory: each peer in its own fresh process (forked from a server that only imported the libraries, with glibc's
@@ -253,7 +255,7 @@ def run(args: argparse.Namespace, cache: common.BaseCache | None = None) -> dict
     spec, device, dtype = common.setup_run(args)
     repeats = common.repeats_from_args(args)
     batch_size, seq = (args.batch or (2 if args.quick else 2)), (args.seq or (32 if args.quick else 256))
-    steps = args.steps or 2
+    steps = args.steps or (2 if args.quick else 1)
     own_cache = cache is None
     cache = cache or common.BaseCache(args.cache_dir)
     try:
@@ -449,10 +451,10 @@ def memory_only(args, ctx, peers, path, spec, dtype, device, shape) -> dict:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_common_args(p, repeats=7, quick_repeats=2)
+    common.add_common_args(p, repeats=30, quick_repeats=2)
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default 2)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 256; 32 with --quick)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per peer and repetition (default 2)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per peer and repetition (default 1; 2 with --quick)")
     p.add_argument("--memory-steps", type=int, default=2, help="training steps in each memory process")
     p.add_argument(
         "--memory-repeats", type=int, default=1, help="memory processes per peer, alternating (median)"
