@@ -454,7 +454,12 @@ def parser() -> argparse.ArgumentParser:
     common.add_common_args(p, repeats=30, quick_repeats=2)
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default 2)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 256; 32 with --quick)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per peer and repetition (default 1; 2 with --quick)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps per peer and repetition (default 1; 2 with --quick)",
+    )
     p.add_argument("--memory-steps", type=int, default=2, help="training steps in each memory process")
     p.add_argument(
         "--memory-repeats", type=int, default=1, help="memory processes per peer, alternating (median)"
