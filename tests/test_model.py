@@ -138,3 +138,36 @@ def test_train_step_changes_adapter_only(tiny_llama, input_ids):
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
     assert any(not torch.equal(p, trainable[n]) for n, p in tiny_llama.named_parameters() if n in trainable)
+
+
+@pytest.mark.parametrize("builder", [build_tiny_llama, build_tiny_gpt2])
+def test_layers_decomposed_at_once_match_one_at_a_time(builder):
+    """With 2 threads apply_kasa decomposes two layers at once, each on one thread: the adapted model is bit for
+    bit the one a single thread gives (Linear and Conv1D), and a non-finite weight is still reported by name with
+    nothing changed."""
+    previous = torch.get_num_threads()
+    try:
+        models = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.manual_seed(0)  # the same base and the same adapter initialization
+            models[threads] = apply_kasa(builder(VOCAB), KaSAConfig(r=3))
+            assert torch.get_num_threads() == threads  # restored after the pool
+        one, two = (m.state_dict() for m in models.values())
+        assert one.keys() == two.keys()
+        for key in one:
+            assert torch.equal(one[key], two[key]), key
+
+        torch.set_num_threads(2)
+        model = builder(VOCAB)
+        name, layer = [(n, m) for n, m in model.named_modules() if n.endswith(("down_proj", "c_proj"))][-1]
+        with torch.no_grad():
+            layer.weight[0, 0] = float("inf")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=rf"{name} has non-finite \(NaN/Inf\) weights"):
+            apply_kasa(model, KaSAConfig(r=3))
+        assert not kasa_layers(model)
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, before[key]), key
+    finally:
+        torch.set_num_threads(previous)
