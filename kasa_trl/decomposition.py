@@ -11,8 +11,8 @@ tridiagonalization, three eigenvalues by bisection, ``n`` eigenvectors; 2x cheap
 CPU). But the Gram squares the condition number: rounding (``eps * lambda_max``) turns the removed directions
 by ``eps * lambda_max / (lambda_{n+1} - lambda_n)``, 1e-6..1e-4 relative error in ``R`` on a cond-1e6 long tail.
 
-``gram_deflated`` (``auto``) computes that predicted error from ``lambda_max``, ``lambda_n`` and ``lambda_{n+1}``. When it is
-above ``_TARGET_ERROR`` it deflates: it keeps the eigenvectors with eigenvalue below a bound chosen so that the
+``gram_deflated`` (``auto``) computes that predicted error from ``lambda_max``, ``lambda_n`` and ``lambda_{n+1}``.
+When it is above ``_TARGET_ERROR`` it deflates: it keeps the eigenvectors with eigenvalue below a bound chosen so that the
 dropped dominant directions cannot leak into ``R`` by more than the target, projects ``A`` onto them and solves
 the (far better conditioned) Gram of that projection again. Random-init and trained-like (flat bulk, short tail)
 weights need one level, which is exactly ``gram_eigh``; a cond-1e4 geometric tail needs a second level over
@@ -23,6 +23,7 @@ measured by ``examples/benchmarks/decomposition_methods.py``.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -188,16 +189,21 @@ def truncate(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> t
             f"factors left {tuple(left.shape)} and right {tuple(right.shape)} do not fit weight {tuple(weight.shape)}: "
             f"expected ({out_features}, n) and (n, {in_features})"
         )
-    w = weight.to(torch.float64, copy=True)
-    return w.sub_(removed_float64(left, right)).to(
-        weight.dtype
-    )  # in place: one (out, in) float64 buffer less
+    return subtract_removed(weight, removed_float64(left, right))
 
 
 def removed_float64(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """``R = left @ right`` (out, in) in float64: the product ``truncate`` subtracts. Anything that truncates a
-    piece of a weight (a ZeRO-3 partition) subtracts a slice of this, so it matches ``truncate`` bit for bit."""
+    piece of a weight (a ZeRO-3 partition) passes the matching slice of this to ``subtract_removed``, so it matches
+    ``truncate`` bit for bit."""
     return left.to(torch.float64) @ right.to(torch.float64)
+
+
+def subtract_removed(weight: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """``weight - removed`` computed in float64 (``removed`` from ``removed_float64``, or a slice of it of the same
+    shape as ``weight``), rounded once to ``weight.dtype``."""
+    w = weight.to(torch.float64, copy=True)
+    return w.sub_(removed).to(weight.dtype)  # in place: one float64 buffer of the weight's size less
 
 
 def singular_values(weight: torch.Tensor) -> torch.Tensor:
@@ -329,9 +335,8 @@ def _minor_gram(
     drops the dominant directions whose rounding would swamp the small ones, so the next Gram is better conditioned.
     """
     backend = _symeig.backend_for(a)
-    if cpu_threads is None:
-        return _minor_gram_levels(a, n, max_levels, backend)
-    with _symeig.cpu_threads(backend, cpu_threads):
+    threads = contextlib.nullcontext() if cpu_threads is None else _symeig.cpu_threads(backend, cpu_threads)
+    with threads:
         return _minor_gram_levels(a, n, max_levels, backend)
 
 

@@ -2,9 +2,9 @@
 
 Under ZeRO-3 (``deepspeed.zero.Init``) no rank holds a whole weight outside a gather. ``sharded_decompose``
 splits the decomposition work over the ranks: the targets, largest first, are taken ``world_size`` at a time,
-each group is gathered once, rank ``i % world_size`` decomposes target ``i`` (and fingerprints its original weight) while the
-others decompose theirs, and only the rank-n factors and fingerprints travel afterwards (a broadcast from each
-owner). Every rank then holds the same factors; ``truncate_partition`` writes ``W_trunc`` into each rank's own
+each group is gathered once, rank ``i % world_size`` decomposes target ``i`` (and fingerprints its original
+weight) while the others decompose theirs, and only the rank-n factors and fingerprints travel afterwards (a
+broadcast from each owner). Every rank then holds the same factors; ``truncate_partition`` writes ``W_trunc`` into each rank's own
 partition with the arithmetic of ``decomposition.truncate``, so no weight is gathered a second time.
 """
 
@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .decomposition import minor_components
+from .decomposition import minor_components, subtract_removed
 from .fingerprint import N_PROBES, weight_fingerprint
 
 if TYPE_CHECKING:
@@ -120,8 +120,8 @@ def writable_partition(param: torch.Tensor) -> torch.Tensor | None:
 
 @torch.no_grad()
 def truncate_partition(param: torch.Tensor, removed: torch.Tensor) -> None:
-    """``W_trunc = W - R`` on this rank's partition of ``param``: the float64 arithmetic of
-    ``decomposition.truncate``, element by element, so every rank's share is bit-identical to a single process's.
+    """``W_trunc = W - R`` on this rank's partition of ``param``, by ``decomposition.subtract_removed`` like
+    ``decomposition.truncate``, so every rank's share is bit-identical to a single process's.
 
     Args:
         param (torch.Tensor): a ZeRO-3 parameter with a ``writable_partition``.
@@ -138,7 +138,7 @@ def truncate_partition(param: torch.Tensor, removed: torch.Tensor) -> None:
         return
     part = shard.narrow(0, 0, count)
     piece = removed.reshape(-1).narrow(0, start, count).to(part.device)
-    part.copy_((part.to(torch.float64) - piece).to(part.dtype))
+    part.copy_(subtract_removed(part, piece))
 
 
 def broadcast_adapters(layers: Sequence[nn.Module]) -> None:

@@ -115,8 +115,7 @@ def main() -> None:
 
     from kasa_trl.decomposition import minor_components
 
-    kasa_trl.distributed.minor_components = counting
-    kasa_trl.model.minor_components = counting
+    kasa_trl.distributed.minor_components = counting  # the ZeRO runs decompose through sharded_decompose
     # Gathers while building the layers (each rank should write its own partition instead).
     layer_gathers: list[str] = []
 
