@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -77,8 +78,10 @@ class KaSALinear(nn.Module):
         self.base_mode = base_mode
         self.merged = False
         self.adapter_enabled = True
-        # Set by ``penalty.attach_penalties`` while training with the KaSA regularizers: called with the
-        # adapter's (..., r) activation inside forward, where ZeRO-3 has gathered this layer's parameters.
+        # Set by ``penalty.attach_penalties`` while training with the KaSA regularizers: called inside forward,
+        # where ZeRO-3 has gathered this layer's parameters, with an activation of the adapter path (the (..., r)
+        # ``x A^T``, or the (N, n + r) stacked one of ``_removal_and_adapter``); returns it (an identity whose
+        # backward feeds the penalty).
         self.penalty_hook: Callable[[KaSALinear, torch.Tensor], torch.Tensor] | None = None
 
         factor_dtype = torch.promote_types(weight.dtype, torch.float32)
@@ -138,7 +141,10 @@ class KaSALinear(nn.Module):
         # read and write it again, in forward and in backward. The base output itself is never written to:
         # forward hooks (ZeRO-3's among them) may hold it.
         out = result.reshape(-1, self.out_features)  # (N, out)
-        if self.base_mode == "non_destructive":
+        removal = self.base_mode == "non_destructive"
+        if removal and self.adapter_enabled and self._one_pass(x, out):
+            return self._removal_and_adapter(x, out).view(result.shape)
+        if removal:
             left, right = self.removed_left, self.removed_right  # (out, n), (n, in)
             if x.dtype == right.dtype == out.dtype:
                 x2d = x.reshape(-1, self.in_features)  # (N, in)
@@ -153,7 +159,7 @@ class KaSALinear(nn.Module):
             # scaling folded into the (r,) vector: r multiplications instead of N * out
             h = h.reshape(-1, self.r) * (self.lora_diag * self.scaling)  # (N, r)
             one_dtype = h.dtype == self.lora_B.dtype == out.dtype
-            if one_dtype and self.base_mode == "non_destructive":
+            if one_dtype and removal:
                 # In place on the tensor the correction just made (not the base output), which no autograd node
                 # saved (addmm and sub keep their operands only): one (N, out) copy less.
                 out = out.addmm_(h, self.lora_B.T)  # out += h B^T
@@ -162,6 +168,31 @@ class KaSALinear(nn.Module):
             else:  # e.g. a bf16 base with an fp32 adapter
                 out = out + F.linear(h, self.lora_B).to(out.dtype)
         return out.view(result.shape)
+
+    def _one_pass(self, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """Whether the removal and the adapter can share their products (``_removal_and_adapter``): both read
+        the same input (no active dropout), everything in one dtype, and no autocast to change it."""
+        dropout_off = isinstance(self.lora_dropout, nn.Identity) or not self.lora_dropout.training
+        dtype = self.removed_right.dtype
+        return (
+            dropout_off
+            and x.dtype == out.dtype == dtype == self.lora_A.dtype == self.lora_B.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+
+    def _removal_and_adapter(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out - (x right^T) left^T + scaling ((x A^T) * sigma) B^T`` as one stacked low-rank product::
+
+            z = x [right; A]^T                          (N, n + r)
+            out + (z * [-1, ..., -1, scaling sigma]) [left, B]^T
+
+        Two products instead of four in forward, and in backward one product for the input's gradient
+        instead of two plus their sum, with no gradient computed for the removed factors (buffers)."""
+        x2d = x.reshape(-1, self.in_features)  # (N, in)
+        z = _StackedDown.apply(x2d, self.removed_right, self.lora_A)  # (N, n + r)
+        if self.penalty_hook is not None:
+            z = self.penalty_hook(self, z)
+        return _StackedUp.apply(out, z, self.removed_left, self.lora_B, self.lora_diag * self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """``dW = scaling * B diag(sigma) A``, (out, in) like ``nn.Linear.weight``, in the adapter dtype."""
@@ -229,3 +260,50 @@ class KaSALinear(nn.Module):
             f"r={self.r}, n_removed={self.n_removed}, scaling={self.scaling:g}, base_mode={self.base_mode}, "
             f"merged={self.merged}"
         )
+
+
+class _StackedDown(torch.autograd.Function):
+    """``z = x [right; A]^T`` for ``x`` (N, in), ``right`` (n, in) constant, ``A`` (r, in): gradients for ``x``
+    and ``A`` only. The stacked matrix is rebuilt in backward rather than saved: (n + r) x in per layer held
+    from forward to backward would cost more memory than the copy costs time."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, right: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, right, lora_A)
+        return x @ torch.cat([right, lora_A]).T
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_z: torch.Tensor):
+        x, right, lora_A = ctx.saved_tensors
+        grad_x = grad_z @ torch.cat([right, lora_A]) if ctx.needs_input_grad[0] else None
+        grad_a = grad_z[:, right.shape[0] :].T @ x if ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_a
+
+
+class _StackedUp(torch.autograd.Function):
+    """``out + (z * [-1 (n), scale (r)]) [left, B]^T`` for ``z`` (N, n + r), ``left`` (out, n) constant, ``B``
+    (out, r), ``scale`` (r,) = scaling * sigma; no gradient for ``left``."""
+
+    @staticmethod
+    def forward(
+        ctx, out: torch.Tensor, z: torch.Tensor, left: torch.Tensor, lora_B: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.save_for_backward(z, left, lora_B, scale)
+        coef = torch.cat([scale.new_full((left.shape[1],), -1.0), scale])
+        return torch.addmm(out, z * coef, torch.cat([left, lora_B], dim=1).T)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        z, left, lora_B, scale = ctx.saved_tensors
+        n = left.shape[1]
+        grad_zc = grad_out @ torch.cat([left, lora_B], dim=1)  # (N, n + r): d loss / d (z * coef)
+        grad_z = grad_scale = grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_z = grad_zc * torch.cat([scale.new_full((n,), -1.0), scale])
+        if ctx.needs_input_grad[4]:
+            grad_scale = (grad_zc[:, n:] * z[:, n:]).sum(0)
+        if ctx.needs_input_grad[3]:
+            grad_b = grad_out.T @ (z[:, n:] * scale)
+        return grad_out, grad_z, None, grad_b, grad_scale

@@ -172,34 +172,79 @@ def test_rejects_unsupported_base_and_bad_factors():
         KaSALinear(nn.Linear(4, 6), torch.zeros(4, 1), torch.zeros(1, 4), r=1, lora_alpha=1)
 
 
+# "stacked": non-destructive mode's one-pass path (_StackedDown/_StackedUp); "separate": the general path, forced.
+PATHS = [("in_place", "separate"), ("non_destructive", "stacked"), ("non_destructive", "separate")]
+
+
 @pytest.mark.parametrize("conv1d", [False, True])
-@pytest.mark.parametrize("base_mode", ["in_place", "non_destructive"])
+@pytest.mark.parametrize(("base_mode", "path"), PATHS)
 @pytest.mark.parametrize("leading", [(5,), (2, 3)])
-def test_forward_and_gradients_equal_the_plain_formula(conv1d, base_mode, leading):
-    """The fused forward (addmm into the base output, scaling folded into sigma) computes, in float64,
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_forward_and_gradients_equal_the_plain_formula(
+    conv1d, base_mode, path, leading, input_grad, monkeypatch
+):
+    """The fused forward (addmm into the base output, scaling folded into sigma; in non-destructive mode the
+    removal and the adapter stacked into one pair of products) computes, in float64,
     ``x (W - left right)^T + scaling ((x A^T) * sigma) B^T + bias`` and its gradients."""
     base = _linear(9, 7, dtype=torch.float64, conv1d=conv1d)
     w, bias = _weight(base), base.bias.detach().clone()
     layer = _kasa(base, base_mode=base_mode)
     assert layer.lora_A.dtype == layer.removed_left.dtype == torch.float64  # one dtype: the addmm path
+    if path == "separate":
+        monkeypatch.setattr(layer, "_one_pass", lambda x, out: False)
     _randomize(layer)
-    seen = []  # the hook still gets the (..., r) activation
+    seen = []  # the hook gets the adapter's activation: (..., r), or (N, n + r) when stacked
     layer.penalty_hook = lambda _, h: seen.append(h.shape) or h
     left, right = layer.removed_left, layer.removed_right
     a, b, d = (p.detach().clone().requires_grad_() for p in layer.adapter_params().values())
-    x = torch.randn(*leading, 7, dtype=torch.float64, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
+    x = torch.randn(*leading, 7, dtype=torch.float64, requires_grad=input_grad)
+    x_ref = x.detach().clone().requires_grad_(input_grad)
     expected = x_ref @ (w - left @ right).T + layer.scaling * ((x_ref @ a.T) * d) @ b.T + bias
     out = layer(x)
     assert out.shape == (*leading, 9) and out.dtype == torch.float64
-    assert seen == [(*leading, layer.r)]
+    n_rows = torch.Size(leading).numel()
+    assert seen == ([(n_rows, layer.n_removed + layer.r)] if path == "stacked" else [(*leading, layer.r)])
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     grad_out = torch.randn_like(expected)
     out.backward(grad_out)
     expected.backward(grad_out)
     for param, ref in zip(layer.adapter_params().values(), (a, b, d), strict=True):
         torch.testing.assert_close(param.grad, ref.grad, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
+    if input_grad:
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
+    assert left.grad is None and right.grad is None
+
+
+def test_stacked_path_only_when_both_terms_read_the_same_input():
+    """Active dropout (the adapter reads dropout(x), the removal x), mixed dtypes or autocast take the separate
+    products; dropout in eval mode does not."""
+    layer = _kasa(_linear(8, 6), base_mode="non_destructive", lora_dropout=0.5)
+    x = torch.randn(4, 6)
+    out = layer.base_layer(x).reshape(-1, 8)
+    assert not layer._one_pass(x, out)
+    layer.eval()
+    assert layer._one_pass(x, out)
+    assert not layer._one_pass(x.double(), out.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer._one_pass(x, out)
+    layer.train()
+    layer.lora_dropout = nn.Identity()
+    assert layer._one_pass(x, out)
+
+
+def test_non_destructive_dropout_acts_on_adapter_input_only():
+    """With dropout in training, non-destructive mode still removes R x from the undropped input."""
+    base = _linear(8, 6, dtype=torch.float64)
+    layer = _kasa(base, base_mode="non_destructive", lora_dropout=0.5)
+    _randomize(layer)
+    x = torch.randn(64, 6, dtype=torch.float64)
+    torch.manual_seed(3)
+    noisy = layer(x)
+    torch.manual_seed(3)
+    dropped = layer.lora_dropout(x)
+    w_trunc = _weight(base) - layer.removed_weight()
+    expected = x @ w_trunc.T + dropped @ layer.delta_weight().T + base.bias
+    torch.testing.assert_close(noisy, expected.detach(), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("conv1d", [False, True])
