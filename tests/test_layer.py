@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -213,6 +215,39 @@ def test_forward_and_gradients_equal_the_plain_formula(
     if input_grad:
         torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
     assert left.grad is None and right.grad is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    out_features=st.integers(1, 10),
+    in_features=st.integers(1, 10),
+    r=st.integers(1, 5),
+    n_removed=st.integers(0, 6),
+    rows=st.integers(1, 7),
+    seed=st.integers(0, 2**16),
+)
+def test_stacked_path_equals_the_separate_products(out_features, in_features, r, n_removed, rows, seed):
+    """Any shapes, any number of removed components (0 included, as the official truncation may remove fewer than
+    r): the stacked products give the separate ones' output and gradients (float64)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = min(n_removed, out_features, in_features)
+    base = nn.Linear(in_features, out_features).double()
+    left = torch.randn(out_features, n, generator=gen, dtype=torch.float64)
+    right = torch.randn(n, in_features, generator=gen, dtype=torch.float64)
+    layer = KaSALinear(base, left, right, r=r, lora_alpha=3.0, base_mode="non_destructive")
+    _randomize(layer, seed)
+    x = torch.randn(rows, in_features, generator=gen, dtype=torch.float64)
+    grad_out = torch.randn(rows, out_features, generator=gen, dtype=torch.float64)
+    results = []
+    for one_pass in (True, False):
+        layer._one_pass = lambda x, out, one_pass=one_pass: one_pass
+        layer.zero_grad()
+        x_ = x.clone().requires_grad_()
+        out = layer(x_)
+        out.backward(grad_out)
+        results.append([out.detach(), x_.grad, *(p.grad for p in layer.adapter_params().values())])
+    for stacked, separate in zip(*results, strict=True):
+        torch.testing.assert_close(stacked, separate, rtol=1e-10, atol=1e-10)
 
 
 def test_stacked_path_only_when_both_terms_read_the_same_input():
