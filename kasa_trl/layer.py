@@ -298,12 +298,13 @@ class _StackedUp(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         z, left, lora_B, scale = ctx.saved_tensors
         n = left.shape[1]
-        grad_zc = grad_out @ torch.cat([left, lora_B], dim=1)  # (N, n + r): d loss / d (z * coef)
         grad_z = grad_scale = grad_b = None
-        if ctx.needs_input_grad[1]:
-            grad_z = grad_zc * torch.cat([scale.new_full((n,), -1.0), scale])
-        if ctx.needs_input_grad[4]:
-            grad_scale = (grad_zc[:, n:] * z[:, n:]).sum(0)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[4]:
+            grad_zc = grad_out @ torch.cat([left, lora_B], dim=1)  # (N, n + r): d loss / d (z * coef)
+            if ctx.needs_input_grad[1]:
+                grad_z = grad_zc * torch.cat([scale.new_full((n,), -1.0), scale])
+            if ctx.needs_input_grad[4]:
+                grad_scale = (grad_zc[:, n:] * z[:, n:]).sum(0)
         if ctx.needs_input_grad[3]:
             grad_b = grad_out.T @ (z[:, n:] * scale)
         return grad_out, grad_z, None, grad_b, grad_scale

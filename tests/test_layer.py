@@ -225,10 +225,13 @@ def test_forward_and_gradients_equal_the_plain_formula(
     n_removed=st.integers(0, 6),
     rows=st.integers(1, 7),
     seed=st.integers(0, 2**16),
+    frozen_adapter=st.booleans(),
 )
-def test_stacked_path_equals_the_separate_products(out_features, in_features, r, n_removed, rows, seed):
+def test_stacked_path_equals_the_separate_products(
+    out_features, in_features, r, n_removed, rows, seed, frozen_adapter
+):
     """Any shapes, any number of removed components (0 included, as the official truncation may remove fewer than
-    r): the stacked products give the separate ones' output and gradients (float64)."""
+    r), adapter trained or frozen: the stacked products give the separate ones' output and gradients (float64)."""
     gen = torch.Generator().manual_seed(seed)
     n = min(n_removed, out_features, in_features)
     base = nn.Linear(in_features, out_features).double()
@@ -236,6 +239,7 @@ def test_stacked_path_equals_the_separate_products(out_features, in_features, r,
     right = torch.randn(n, in_features, generator=gen, dtype=torch.float64)
     layer = KaSALinear(base, left, right, r=r, lora_alpha=3.0, base_mode="non_destructive")
     _randomize(layer, seed)
+    layer.requires_grad_(not frozen_adapter)
     x = torch.randn(rows, in_features, generator=gen, dtype=torch.float64)
     grad_out = torch.randn(rows, out_features, generator=gen, dtype=torch.float64)
     results = []
