@@ -11,12 +11,12 @@ tridiagonalization, three eigenvalues by bisection, ``n`` eigenvectors; 2x cheap
 CPU). But the Gram squares the condition number: rounding (``eps * lambda_max``) turns the removed directions
 by ``eps * lambda_max / (lambda_{n+1} - lambda_n)``, 1e-6..1e-4 relative error in ``R`` on a cond-1e6 long tail.
 
-``gram_deflated`` (``auto``) computes that predicted error from ``lambda_max``, ``lambda_n`` and ``lambda_{n+1}``.
-When it is above ``_TARGET_ERROR`` it deflates: it keeps the eigenvectors with eigenvalue below a bound chosen so that the
-dropped dominant directions cannot leak into ``R`` by more than the target, projects ``A`` onto them and solves
-the (far better conditioned) Gram of that projection again. Random-init and trained-like (flat bulk, short tail)
-weights need one level, which is exactly ``gram_eigh``; a cond-1e4 geometric tail needs a second level over
-~10% of the directions, cond 1e6 a third. The result is within ~1e-9 of float64 SVD up to cond 1e6
+``gram_deflated`` (``auto``) computes that predicted error from ``lambda_max``, ``lambda_n`` and
+``lambda_{n+1}``. When it is above ``_TARGET_ERROR`` it deflates: it keeps the eigenvectors with eigenvalue below
+a bound chosen so that the dropped dominant directions cannot leak into ``R`` by more than the target, projects
+``A`` onto them and solves the (far better conditioned) Gram of that projection again. Random-init and
+trained-like (flat bulk, short tail) weights need one level, which is exactly ``gram_eigh``; a cond-1e4 geometric
+tail needs a second level over ~10% of the directions, cond 1e6 a third. The result is within ~1e-9 of float64 SVD up to cond 1e6
 (``tests/test_decomposition.py``, ``tests/test_errors.py``); speed and accuracy per method and spectrum are
 measured by ``examples/benchmarks/decomposition_methods.py``.
 """

@@ -4,8 +4,9 @@ Under ZeRO-3 (``deepspeed.zero.Init``) no rank holds a whole weight outside a ga
 splits the decomposition work over the ranks: the targets, largest first, are taken ``world_size`` at a time,
 each group is gathered once, rank ``i % world_size`` decomposes target ``i`` (and fingerprints its original
 weight) while the others decompose theirs, and only the rank-n factors and fingerprints travel afterwards (a
-broadcast from each owner). Every rank then holds the same factors; ``truncate_partition`` writes ``W_trunc`` into each rank's own
-partition with the arithmetic of ``decomposition.truncate``, so no weight is gathered a second time.
+broadcast from each owner). Every rank then holds the same factors; ``truncate_partition`` writes ``W_trunc``
+into each rank's own partition with the arithmetic of ``decomposition.truncate``, so no weight is gathered a
+second time.
 """
 
 from __future__ import annotations

@@ -289,22 +289,22 @@ class _StackedUp(torch.autograd.Function):
     def forward(
         ctx, out: torch.Tensor, z: torch.Tensor, left: torch.Tensor, lora_B: torch.Tensor, scale: torch.Tensor
     ) -> torch.Tensor:
-        ctx.save_for_backward(z, left, lora_B, scale)
-        coef = torch.cat([scale.new_full((left.shape[1],), -1.0), scale])
+        coef = torch.cat([scale.new_full((left.shape[1],), -1.0), scale])  # (n + r,)
+        ctx.save_for_backward(z, left, lora_B, coef)
         return torch.addmm(out, z * coef, torch.cat([left, lora_B], dim=1).T)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        z, left, lora_B, scale = ctx.saved_tensors
+        z, left, lora_B, coef = ctx.saved_tensors
         n = left.shape[1]
         grad_z = grad_scale = grad_b = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[4]:
             grad_zc = grad_out @ torch.cat([left, lora_B], dim=1)  # (N, n + r): d loss / d (z * coef)
             if ctx.needs_input_grad[1]:
-                grad_z = grad_zc * torch.cat([scale.new_full((n,), -1.0), scale])
+                grad_z = grad_zc * coef
             if ctx.needs_input_grad[4]:
                 grad_scale = (grad_zc[:, n:] * z[:, n:]).sum(0)
         if ctx.needs_input_grad[3]:
-            grad_b = grad_out.T @ (z[:, n:] * scale)
+            grad_b = grad_out.T @ (z[:, n:] * coef[n:])
         return grad_out, grad_z, None, grad_b, grad_scale

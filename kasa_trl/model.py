@@ -105,16 +105,19 @@ def decompose_targets(
     """The removed factors ``(left (out, n), right (n, in))`` of each target (several at once on CPU cores)."""
     names = list(targets)
     weights = [base_weight(targets[name]) for name in names]
-    results = minor_components_many(weights, [n_removed[name] for name in names], config.decomposition_method)
+    ns = [n_removed[name] for name in names]
     factors = {}
-    for name, weight in _progress(list(zip(names, weights, strict=True)), "KaSA: decomposing"):
-        try:
-            factors[name] = next(results)
-        except ValueError:
-            # The decomposition finds a non-finite weight from its Gram's diagonal, without a pass of its own
-            # over every weight: name the layer (nothing was modified yet).
-            _check_finite_weight(name, weight)
-            raise
+    # closing: interrupted between two layers (Ctrl-C), the worker threads are shut down here, not whenever the
+    # generator is collected (an error raised inside the decomposition ends the generator itself).
+    with contextlib.closing(minor_components_many(weights, ns, config.decomposition_method)) as results:
+        for name, weight in _progress(list(zip(names, weights, strict=True)), "KaSA: decomposing"):
+            try:
+                factors[name] = next(results)
+            except ValueError:
+                # The decomposition finds a non-finite weight from its Gram's diagonal, without a pass of its own
+                # over every weight: name the layer (nothing was modified yet).
+                _check_finite_weight(name, weight)
+                raise
     return factors
 
 

@@ -171,3 +171,32 @@ def test_layers_decomposed_at_once_match_one_at_a_time(builder):
             assert torch.equal(value, before[key]), key
     finally:
         torch.set_num_threads(previous)
+
+
+def test_interrupted_decomposition_leaves_no_worker_threads(monkeypatch):
+    """Ctrl-C between two layers: apply_kasa's decomposition threads are shut down before the interrupt propagates
+    (not when the traceback holding them is dropped), and the model is untouched."""
+    import threading
+
+    import kasa_trl.model
+
+    def interrupted(items, _description):
+        yield next(iter(items))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kasa_trl.model, "_progress", interrupted)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = build_tiny_llama(VOCAB)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(KeyboardInterrupt) as interrupt:  # kept, as a REPL keeps the last traceback
+            apply_kasa(model, KaSAConfig(r=3))
+        assert interrupt.traceback
+        assert not [t for t in threading.enumerate() if t.name.startswith("kasa-decompose")]
+        assert torch.get_num_threads() == 2
+        assert not kasa_layers(model)
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, before[key]), key
+    finally:
+        torch.set_num_threads(previous)

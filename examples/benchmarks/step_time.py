@@ -15,8 +15,8 @@ Time: every peer's model is built once, warmed up by one step, then each repetit
 every peer in a rotating order; a repetition's figure is the median step, a ratio the median over repetitions of
 the per-repetition ratio. The default, one step per peer and 30 repetitions, pairs steps seconds apart: on a shared
 machine whose load changes over seconds, blocks of several steps per peer gave per-repetition ratios from 0.8 to
-1.2. Wall-clock time decides the goals; the CPU time of the process (all threads) is reported
-next to it: on a shared machine it leaves out the time spent waiting for a core.
+1.2. Wall-clock time decides the goals; the CPU time of the process (all threads) is reported next to it: on a
+shared machine it leaves out the time spent waiting for a core.
 
 Memory: each peer in its own fresh process (forked from a server that only imported the libraries, with glibc's
 and MKL's caching of freed memory off: see ``memory_context``), which loads the base, adapts it, then frees and
@@ -254,7 +254,7 @@ def profile_step(trainee: Trainee, top: int) -> dict:
 def run(args: argparse.Namespace, cache: common.BaseCache | None = None) -> dict:
     spec, device, dtype = common.setup_run(args)
     repeats = common.repeats_from_args(args)
-    batch_size, seq = (args.batch or (2 if args.quick else 2)), (args.seq or (32 if args.quick else 256))
+    batch_size, seq = args.batch or 2, args.seq or (32 if args.quick else 256)
     steps = args.steps or (2 if args.quick else 1)
     own_cache = cache is None
     cache = cache or common.BaseCache(args.cache_dir)
