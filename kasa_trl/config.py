@@ -1,19 +1,33 @@
-"""``KaSAConfig``: what to adapt and how, validated when it is built."""
+"""``KaSAConfig``: what to adapt and how, every field checked when it is set."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import numpy as np
+import torch
 
 from .regularizers import REDUCTIONS, validate_regularizer_weights
 
 CONFIG_FORMAT_VERSION = 1
 
-BASE_MODES = ("in_place", "non_destructive")
+BASE_MODES = ("auto", "in_place", "non_destructive")
+RESOLVED_BASE_MODES = ("in_place", "non_destructive")
 TRUNCATIONS = ("paper", "official")
+# Bases whose own dtype cannot hold W_trunc accurately enough: "auto" keeps them untouched (non_destructive).
+LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
+# The fields that define the adapted model's function (with the set of adapted layers, which target_modules and
+# exclude_modules select); the others (dropout, the regularizers, how R is computed) only shape training.
+MODEL_FIELDS = ("r", "lora_alpha", "use_rslora", "base_mode", "truncation")
+TRAINING_FIELDS = ("lora_dropout", "regularizers", "regularizer_reduction")
 
 
 def _default_regularizers() -> dict[str, float]:
@@ -25,13 +39,17 @@ class KaSAConfig:
     """Configuration of a KaSA adapter (arXiv 2412.06071).
 
     Field names follow PEFT's ``LoraConfig`` where the concept is the same (``r``, ``lora_alpha``,
-    ``lora_dropout``, ``target_modules``, ``exclude_modules``, ``use_rslora``).
+    ``lora_dropout``, ``target_modules``, ``exclude_modules``, ``use_rslora``). Every field is checked when it is
+    set (at construction and on assignment); an error names the field, the value and what to pass instead.
+    NumPy scalars are accepted and stored as Python ``int``/``float``/``bool``.
     """
 
     r: int = field(
         default=8, metadata={"help": "Adapter rank; also the number of singular components dropped."}
     )
-    lora_alpha: float = field(default=16, metadata={"help": "Scaling numerator: scaling = lora_alpha / r."})
+    lora_alpha: float = field(
+        default=16, metadata={"help": "Scaling numerator (finite, > 0): scaling = lora_alpha / r."}
+    )
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input, in [0, 1)."})
     target_modules: list[str] | str = field(
         default="all-linear",
@@ -45,11 +63,13 @@ class KaSAConfig:
         default=None, metadata={"help": "Names or a regex (same rules as target_modules) never adapted."}
     )
     use_rslora: bool = field(default=False, metadata={"help": "scaling = lora_alpha / sqrt(r) (rsLoRA)."})
-    base_mode: Literal["in_place", "non_destructive"] = field(
+    base_mode: Literal["auto", "in_place", "non_destructive"] = field(
         default="in_place",
         metadata={
             "help": "'in_place' overwrites W with W_trunc (the paper); 'non_destructive' keeps W bit-exact and "
-            "subtracts the removed part R x in forward."
+            "subtracts the removed part R x in forward; 'auto' (default) is 'in_place' on fp32/fp64 bases and "
+            "'non_destructive' on bf16/fp16 bases, whose dtype rounds W_trunc by about as much as R itself "
+            "(see the README's numerical limits). The config of an adapted model records the mode chosen."
         },
     )
     truncation: Literal["paper", "official"] = field(
@@ -72,28 +92,9 @@ class KaSAConfig:
         metadata={"help": "How per-layer terms combine: 'sum' (paper, PEFT) or 'mean' (official code)."},
     )
 
-    def __post_init__(self) -> None:
-        # Local import: decomposition is pure math and must not depend on config.
-        from .decomposition import DECOMPOSITION_METHODS
-
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if (
-            isinstance(self.lora_alpha, bool)
-            or not isinstance(self.lora_alpha, (int, float))
-            or self.lora_alpha <= 0
-        ):
-            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        self.target_modules = _check_targets("target_modules", self.target_modules)
-        if self.exclude_modules is not None:
-            self.exclude_modules = _check_targets("exclude_modules", self.exclude_modules)
-        _check_choice("base_mode", self.base_mode, BASE_MODES)
-        _check_choice("truncation", self.truncation, TRUNCATIONS)
-        _check_choice("decomposition_method", self.decomposition_method, DECOMPOSITION_METHODS)
-        _check_choice("regularizer_reduction", self.regularizer_reduction, REDUCTIONS)
-        self.regularizers = validate_regularizer_weights(self.regularizers)
+    def __setattr__(self, name: str, value: Any) -> None:
+        check = _FIELD_CHECKS.get(name)
+        super().__setattr__(name, check(name, value) if check is not None else value)
 
     @property
     def scaling(self) -> float:
@@ -107,15 +108,22 @@ class KaSAConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> KaSAConfig:
         """Inverse of ``to_dict``; unknown keys and future versions fail with the list of known keys."""
+        if not isinstance(data, dict):
+            raise TypeError(f"KaSAConfig.from_dict expects a dict, got {type(data).__name__}")
         data = dict(data)
         version = data.pop("kasa_config_version", CONFIG_FORMAT_VERSION)
-        if not isinstance(version, int) or version > CONFIG_FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(
+                f"kasa_config_version must be a positive integer, got {version!r}; the config is damaged: "
+                f"re-save the adapter (this kasa_trl writes version {CONFIG_FORMAT_VERSION})"
+            )
+        if version > CONFIG_FORMAT_VERSION:
             raise ValueError(
                 f"KaSA config version {version!r} is newer than this kasa_trl understands "
                 f"({CONFIG_FORMAT_VERSION}); upgrade kasa_trl to load it"
             )
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
             raise ValueError(f"unknown KaSAConfig key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**data)
@@ -137,16 +145,149 @@ class KaSAConfig:
         return cls.from_dict(data)
 
 
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
+def resolve_base_mode(base_mode: str, weight_dtypes: Iterable[torch.dtype]) -> str:
+    """The mode ``base_mode`` stands for on targets whose weights have ``weight_dtypes``.
+
+    ``"auto"`` is ``"non_destructive"`` when any target weight is bf16/fp16 (rounding ``W_trunc`` to that dtype
+    would change it by about as much as the removed part ``R``), else ``"in_place"``; the other modes are
+    returned as they are.
+    """
+    _check_choice("base_mode", base_mode, BASE_MODES)
+    if base_mode != "auto":
+        return base_mode
+    return "non_destructive" if any(d in LOW_PRECISION_DTYPES for d in weight_dtypes) else "in_place"
+
+
+def config_differences(
+    requested: KaSAConfig, actual: KaSAConfig, fields: Iterable[str] | None = None
+) -> list[tuple[str, Any, Any]]:
+    """``(field, requested value, actual value)`` for each of ``fields`` (default: all) that differs.
+
+    A requested ``base_mode="auto"`` matches either resolved mode: ``actual`` is usually the config an adapted
+    model carries, where ``"auto"`` was resolved for the base's dtype.
+    """
+    names = list(fields) if fields is not None else [f.name for f in dataclasses.fields(KaSAConfig)]
+    differences = []
+    for name in names:
+        want, have = getattr(requested, name), getattr(actual, name)
+        if name == "base_mode" and "auto" in (want, have):
+            continue
+        if want != have:
+            differences.append((name, want, have))
+    return differences
+
+
+def format_differences(differences: list[tuple[str, Any, Any]], labels: tuple[str, str]) -> str:
+    """``"r: 4 (requested) vs 2 (model); ..."`` for ``config_differences``' result."""
+    first, second = labels
+    return "; ".join(f"{name}: {a!r} ({first}) vs {b!r} ({second})" for name, a, b in differences)
+
+
+# -- field checks: each returns the value to store (plain Python types) or raises naming the field ---------------
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
+    return str(value)
+
+
+def _choice(choices: tuple[str, ...] | Callable[[], tuple[str, ...]]) -> Callable[[str, object], str]:
+    def check(name: str, value: object) -> str:
+        return _check_choice(name, value, choices() if callable(choices) else choices)
+
+    return check
+
+
+def _decomposition_methods() -> tuple[str, ...]:
+    # Local import: importing the config must not load the LAPACK bindings.
+    from .decomposition import DECOMPOSITION_METHODS
+
+    return DECOMPOSITION_METHODS
+
+
+def _is_integer(value: object) -> bool:
+    """Python and NumPy integers; not bools (``numbers.Integral`` includes ``bool``, not ``numpy.bool_``)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_r(name: str, value: object) -> int:
+    if not _is_integer(value) or int(value) <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}; pass e.g. {name}=8")
+    return int(value)
+
+
+def _check_alpha(name: str, value: object) -> float:
+    if not _is_real(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"{name} must be a positive number, got {value!r}: pass a finite value > 0 (scaling = {name} / r; "
+            f"PEFT's usual choice is {name}=2*r)"
+        )
+    return int(value) if _is_integer(value) else float(value)
+
+
+def _check_dropout(name: str, value: object) -> float:
+    if not _is_real(value) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}; 0 turns dropout off")
+    return float(value)
+
+
+def _check_flag(name: str, value: object) -> bool:
+    # numpy.bool_ is no bool subclass; 0/1 or "no" are refused: "no" would silently read as True.
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+# Characters no module name holds: a list entry with one of them was meant as a regex.
+_REGEX_ONLY = re.compile(r"[*+?()\[\]{}|^$\\]")
 
 
 def _check_targets(name: str, value: object) -> list[str] | str:
     if isinstance(value, str):
         if not value:
             raise ValueError(f"{name} must not be empty")
-        return value
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(
+                f"{name}={value!r} is not a valid regular expression ({e}); fix the pattern, or pass a list of "
+                "module names such as ['q_proj', 'v_proj']"
+            ) from None
+        return str(value)
     if isinstance(value, (list, tuple, set)) and value and all(isinstance(v, str) and v for v in value):
-        return sorted(value) if isinstance(value, set) else list(value)
+        for entry in value:
+            if _REGEX_ONLY.search(entry):
+                raise ValueError(
+                    f"{name} entry {entry!r} is not a module name: list entries are names matched as themselves or "
+                    f"a '.'-suffix; pass a single string to match a regular expression, e.g. {name}={entry!r}"
+                )
+        return sorted(value) if isinstance(value, set) else [str(v) for v in value]
     raise ValueError(f"{name} must be a non-empty list of module names or a regex string, got {value!r}")
+
+
+def _check_optional_targets(name: str, value: object) -> list[str] | str | None:
+    return None if value is None else _check_targets(name, value)
+
+
+def _check_regularizers(name: str, value: object) -> dict[str, float]:
+    return validate_regularizer_weights(value)
+
+
+_FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "r": _check_r,
+    "lora_alpha": _check_alpha,
+    "lora_dropout": _check_dropout,
+    "target_modules": _check_targets,
+    "exclude_modules": _check_optional_targets,
+    "use_rslora": _check_flag,
+    "base_mode": _choice(BASE_MODES),
+    "truncation": _choice(TRUNCATIONS),
+    "decomposition_method": _choice(_decomposition_methods),
+    "regularizers": _check_regularizers,
+    "regularizer_reduction": _choice(REDUCTIONS),
+}

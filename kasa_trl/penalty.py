@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .layer import KaSALinear
-from .regularizers import get_regularizer
+from .regularizers import REDUCTIONS, evaluate_regularizer, get_regularizer, validate_regularizer_weights
 
 
 class _AttachPenalty(torch.autograd.Function):
@@ -64,11 +64,13 @@ class PenaltySession:
     def __init__(
         self, layers: Mapping[str, KaSALinear], weights: Mapping[str, float], reduction: str
     ) -> None:
-        if reduction not in ("sum", "mean"):
-            raise ValueError(f"reduction={reduction!r} is not one of ['sum', 'mean']")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"regularizer_reduction={reduction!r} is not one of {list(REDUCTIONS)}")
         self.layers = dict(layers)
         self._names = {id(layer): name for name, layer in self.layers.items()}
-        self.weights = {name: float(w) for name, w in weights.items() if w != 0}
+        # Checked again: the config's dict may have been edited in place after the config checked it.
+        weights = validate_regularizer_weights(weights)
+        self.weights = {name: w for name, w in weights.items() if w != 0}
         self.functions = {name: get_regularizer(name) for name in self.weights}
         self.layer_weight = 1.0 / len(self.layers) if reduction == "mean" and self.layers else 1.0
         self.micro_batch_factor = 1.0
@@ -156,8 +158,13 @@ class PenaltySession:
             return h
         # Autocast off: Gram errors of near-orthonormal factors are differences of O(1) numbers, which bf16 rounds
         # away; the regularizers upcast to fp32 themselves.
+        factors = (layer.lora_A, layer.lora_B, layer.lora_diag)
+        needs_grad = with_grad and all(p.requires_grad for p in factors)
         with torch.set_grad_enabled(with_grad), torch.autocast(h.device.type, enabled=False):
-            terms = {n: fn(layer.lora_A, layer.lora_B, layer.lora_diag) for n, fn in self.functions.items()}
+            terms = {
+                n: evaluate_regularizer(n, fn, *factors, layer=name, needs_grad=needs_grad)
+                for n, fn in self.functions.items()
+            }
         if name not in self._values:
             self._values[name] = {n: t.detach().float() for n, t in terms.items()}
         if not with_grad:

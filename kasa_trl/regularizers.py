@@ -13,7 +13,9 @@ name. The trainer weights each registered term, reduces it over layers (``sum`` 
 
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 from collections.abc import Callable, Mapping
 
 import torch
@@ -48,6 +50,7 @@ def register_regularizer(name: str) -> Callable[[Regularizer], Regularizer]:
             )
         if not callable(fn):
             raise TypeError(f"register_regularizer({name!r}) expects a function, got {type(fn).__name__}")
+        _check_signature(name, fn)
         _REGISTRY[name] = fn
         return fn
 
@@ -86,9 +89,15 @@ def validate_regularizer_weights(weights: Mapping[str, float]) -> dict[str, floa
         )
     checked: dict[str, float] = {}
     for name, weight in weights.items():
+        if not isinstance(name, str):
+            raise TypeError(f"regularizers keys must be regularizer names (str), got {name!r}")
         get_regularizer(name)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise TypeError(f"regularizer weight for {name!r} must be a number, got {weight!r}")
+        # numbers.Real: Python and NumPy ints and floats; not bools, strings or tensors.
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+            raise TypeError(
+                f"regularizer weight for {name!r} must be a number, got {weight!r} ({type(weight).__name__}); "
+                f"pass e.g. {{{name!r}: 1e-3}}"
+            )
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(
                 f"regularizer weight for {name!r} must be finite and >= 0, got {weight}; "
@@ -96,6 +105,66 @@ def validate_regularizer_weights(weights: Mapping[str, float]) -> dict[str, floa
             )
         checked[name] = float(weight)
     return checked
+
+
+def evaluate_regularizer(
+    name: str,
+    fn: Regularizer,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    lora_diag: torch.Tensor,
+    *,
+    layer: str,
+    needs_grad: bool,
+) -> torch.Tensor:
+    """``fn(lora_A, lora_B, lora_diag)`` as a 0-dim floating tensor on the factors' device; anything else a
+    regularizer may return (a Python number, an integer or non-scalar tensor, a tensor cut from the factors'
+    graph when ``needs_grad``) is a ``TypeError`` naming the regularizer and ``layer``. Checks metadata only:
+    no device synchronization."""
+    value = fn(lora_A, lora_B, lora_diag)
+    where = f"regularizer {name!r} ({_qualname(fn)}) on {layer}"
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"{where} returned {value!r} ({type(value).__name__}); it must return a scalar torch.Tensor computed "
+            "from lora_A, lora_B, lora_diag with torch operations (no .item(), float() or NumPy), so its "
+            "gradient reaches the factors"
+        )
+    if value.numel() != 1:
+        raise TypeError(
+            f"{where} returned a tensor of shape {tuple(value.shape)}; it must return a scalar (reduce it, e.g. "
+            ".sum() or .mean())"
+        )
+    if not value.is_floating_point():
+        raise TypeError(
+            f"{where} returned a {value.dtype} tensor; it must return a floating-point scalar (integer values "
+            "carry no gradient): compute it from the factors without rounding or casting to an integer dtype"
+        )
+    if value.device != lora_A.device:
+        raise TypeError(
+            f"{where} returned a tensor on {value.device}, not on the factors' device {lora_A.device}; compute "
+            "it from the factors without moving it"
+        )
+    if needs_grad and not value.requires_grad:
+        raise TypeError(
+            f"{where} returned a tensor that is not connected to lora_A, lora_B, lora_diag (requires_grad=False), "
+            "so it would add nothing to training; compute it from the factors with torch operations (no "
+            ".detach(), .item(), torch.tensor(...) or torch.no_grad())"
+        )
+    return value.reshape(())
+
+
+def _check_signature(name: str, fn: Callable) -> None:
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins and C callables have none: checked when called
+        return
+    try:
+        signature.bind(None, None, None)
+    except TypeError:
+        raise TypeError(
+            f"register_regularizer({name!r}): {_qualname(fn)}{signature} cannot be called as "
+            "fn(lora_A, lora_B, lora_diag); a regularizer takes the three factors as positional arguments"
+        ) from None
 
 
 def _qualname(fn: Callable) -> str:

@@ -22,7 +22,10 @@ def test_defaults_match_paper():
         ({"lora_alpha": 0}, "lora_alpha must be a positive number"),
         ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
         ({"target_modules": []}, "target_modules must be a non-empty list"),
-        ({"base_mode": "inplace"}, r"base_mode='inplace' is not one of \['in_place', 'non_destructive'\]"),
+        (
+            {"base_mode": "inplace"},
+            r"base_mode='inplace' is not one of \['auto', 'in_place', 'non_destructive'\]",
+        ),
         ({"truncation": "pissa"}, "truncation='pissa' is not one of"),
         ({"decomposition_method": "magic"}, "decomposition_method='magic' is not one of"),
         ({"regularizer_reduction": "max"}, "regularizer_reduction='max' is not one of"),

@@ -122,3 +122,46 @@ def test_non_finite_regularizer_stops_with_a_clear_message(input_ids):
     loss = model(input_ids, labels=input_ids).loss
     with pytest.raises(FloatingPointError, match=r"singular_value_l2=inf.*lower the learning rate"):
         session.finish(loss)
+
+
+@pytest.mark.parametrize(
+    ("result", "message"),
+    [
+        (
+            lambda a, b, d: float(d.detach().pow(2).sum()),
+            r"returned \d+\.\d+ \(float\); it must return a scalar",
+        ),
+        (lambda a, b, d: d.pow(2), r"returned a tensor of shape \(4,\); it must return a scalar"),
+        (lambda a, b, d: (d > 0).sum(), r"returned a torch\.int64 tensor"),
+        (
+            lambda a, b, d: torch.zeros(()),
+            r"returned a tensor that is not connected to lora_A, lora_B, lora_diag",
+        ),
+    ],
+    ids=["python-float", "vector", "int-tensor", "constant"],
+)
+def test_bad_user_regularizer_is_named_in_the_forward(input_ids, result, message):
+    """The error comes from the first training forward, naming the regularizer and the layer, not from autograd;
+    parameters untouched."""
+    from kasa_trl import register_regularizer, unregister_regularizer
+
+    register_regularizer("test_penalty_bad")(result)
+    try:
+        model = _model()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        session = attach_penalties(model, {"test_penalty_bad": 1.0})
+        session.begin()
+        with pytest.raises(
+            TypeError,
+            match=rf"regularizer 'test_penalty_bad' \(.*\) on model\.layers\.0\.self_attn\.q_proj {message}",
+        ):
+            model(input_ids, labels=input_ids)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert all(p.grad is None for p in model.parameters())
+        # In evaluation (no grad) a value cut from the graph is fine: nothing is trained.
+        if "connected" in message:
+            with torch.no_grad():
+                model(input_ids)
+            assert float(session.values()["test_penalty_bad"]) == 0.0
+    finally:
+        unregister_regularizer("test_penalty_bad")
