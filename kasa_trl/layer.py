@@ -26,6 +26,84 @@ from .distributed import is_partitioned, truncate_partition, weight_shape
 from .fingerprint import weight_fingerprint
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
+# The modes a layer runs in; KaSAConfig's "auto" is resolved to one of them by apply_kasa.
+LAYER_BASE_MODES = ("in_place", "non_destructive")
+# Base weight dtypes a layer computes with: anything else is a quantized or packed format (int8, float8...).
+SUPPORTED_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_layer_arguments(
+    *, r: object, lora_alpha: object, lora_dropout: object, use_rslora: object, base_mode: object
+) -> None:
+    """Raise if a ``KaSALinear`` argument is out of range (for direct users of the layer; ``KaSAConfig`` checks
+    the same for ``apply_kasa``)."""
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+    if (
+        isinstance(lora_alpha, bool)
+        or not isinstance(lora_alpha, (int, float))
+        or not math.isfinite(lora_alpha)
+        or lora_alpha <= 0
+    ):
+        raise ValueError(f"lora_alpha must be a finite number > 0, got {lora_alpha!r}")
+    if (
+        isinstance(lora_dropout, bool)
+        or not isinstance(lora_dropout, (int, float))
+        or not 0.0 <= lora_dropout < 1.0
+    ):
+        raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
+    if not isinstance(use_rslora, bool):
+        raise ValueError(f"use_rslora must be True or False, got {use_rslora!r}")
+    if base_mode not in LAYER_BASE_MODES:
+        hint = (
+            "; 'auto' is resolved by kasa_trl.apply_kasa, pass the mode it stands for"
+            if base_mode == "auto"
+            else ""
+        )
+        raise ValueError(f"base_mode={base_mode!r} is not one of {list(LAYER_BASE_MODES)}{hint}")
+
+
+def check_base_weight(weight: torch.Tensor, where: str) -> None:
+    """Raise unless ``weight`` is a plain ``nn.Parameter`` of a supported float dtype holding values (not on the
+    ``meta`` device). ``where`` names the module in the message."""
+    if type(weight) is not nn.Parameter or weight.dtype not in SUPPORTED_WEIGHT_DTYPES:
+        raise TypeError(
+            f"{where} holds a {type(weight).__name__} of dtype {weight.dtype}: quantized or packed weights are not "
+            "supported; load the base in fp32/bf16/fp16 or exclude this module"
+        )
+    if weight.device.type == "meta":
+        raise ValueError(
+            f"{where} has its weight on the meta device (shapes only, no values: built under init_empty_weights "
+            "or loaded with device_map='meta'); KaSA needs the real weights. Load the model with its weights "
+            "(e.g. from_pretrained(...) on cpu or cuda) before adapting it"
+        )
+
+
+def check_removed_factors(
+    left: object, right: object, out_features: int, in_features: int, where: str
+) -> None:
+    """Raise unless ``left`` (out, n) and ``right`` (n, in) are finite floating-point factors of a removed part
+    of rank ``n <= min(out, in)`` for an (out, in) weight."""
+    for key, factor in (("removed_left", left), ("removed_right", right)):
+        if not isinstance(factor, torch.Tensor) or factor.ndim != 2:
+            shape = tuple(factor.shape) if isinstance(factor, torch.Tensor) else type(factor).__name__
+            raise ValueError(f"{where}: {key} must be a 2-D tensor, got {shape}")
+        if not factor.is_floating_point():
+            raise TypeError(
+                f"{where}: {key} has dtype {factor.dtype}; the removed factors must be floating point"
+            )
+    n = left.shape[1]
+    if left.shape[0] != out_features or right.shape != (n, in_features) or n > min(out_features, in_features):
+        raise ValueError(
+            f"{where}: removed factors {tuple(left.shape)} @ {tuple(right.shape)} do not fit a "
+            f"({out_features}, {in_features}) weight (expected (out, n) @ (n, in) with n <= min(out, in))"
+        )
+    for key, factor in (("removed_left", left), ("removed_right", right)):
+        if factor.device.type != "meta" and not torch.isfinite(factor).all():
+            raise ValueError(
+                f"{where}: {key} holds non-finite values (NaN/Inf); they would reach the base weight. "
+                "Recompute the factors (kasa_trl.decomposition.minor_components) or re-save the adapter"
+            )
 
 
 class KaSALinear(nn.Module):
@@ -59,17 +137,34 @@ class KaSALinear(nn.Module):
         base_fingerprint: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
+        # Everything is checked before the base weight is touched (it is truncated at the end in in_place mode).
         if not isinstance(base_layer, SUPPORTED_BASE_LAYERS):
             raise TypeError(f"KaSALinear wraps nn.Linear or Conv1D, got {type(base_layer).__name__}")
+        check_layer_arguments(
+            r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora, base_mode=base_mode
+        )
+        check_base_weight(base_layer.weight, f"KaSALinear's base layer ({type(base_layer).__name__})")
+        if adapter_dtype is not None and adapter_dtype not in SUPPORTED_WEIGHT_DTYPES:
+            raise TypeError(f"adapter_dtype must be a floating-point dtype, got {adapter_dtype}")
         self.base_layer = base_layer
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         weight = self._base_weight()  # empty while ZeRO-3 holds it partitioned (see partitioned below)
         self.out_features, self.in_features = weight_shape(base_layer)
         partitioned = is_partitioned(base_layer.weight) and base_layer.weight.numel() == 0
-        if removed_left.shape[0] != self.out_features or removed_right.shape[1] != self.in_features:
+        check_removed_factors(removed_left, removed_right, self.out_features, self.in_features, "KaSALinear")
+        if partitioned and base_fingerprint is None:
             raise ValueError(
-                f"removed factors {tuple(removed_left.shape)} @ {tuple(removed_right.shape)} do not fit a "
-                f"({self.out_features}, {self.in_features}) weight"
+                "the base weight is partitioned by ZeRO-3: pass base_fingerprint (computed where the weight was "
+                "gathered) or build the layer inside kasa_trl.distributed.gathered([weight])"
+            )
+        if base_fingerprint is not None and (
+            not isinstance(base_fingerprint, torch.Tensor)
+            or base_fingerprint.ndim != 1
+            or not base_fingerprint.is_floating_point()
+        ):
+            raise ValueError(
+                "base_fingerprint must be a 1-D float tensor from kasa_trl.fingerprint.weight_fingerprint, got "
+                f"{base_fingerprint!r:.80}"
             )
         self.r = r
         self.lora_alpha = lora_alpha
@@ -95,15 +190,13 @@ class KaSALinear(nn.Module):
         # Contiguous so a loaded adapter (always contiguous) runs the very same kernels: bit-identical outputs.
         left = removed_left.detach().to(device, factor_dtype).contiguous()
         right = removed_right.detach().to(device, factor_dtype).contiguous()
+        if not (torch.isfinite(left).all() and torch.isfinite(right).all()):
+            raise ValueError(
+                f"KaSALinear: the removed factors overflow {factor_dtype} (the base's compute dtype); pass factors "
+                "that fit it"
+            )
         self.register_buffer("removed_left", left, persistent=False)
         self.register_buffer("removed_right", right, persistent=False)
-        if base_mode not in ("in_place", "non_destructive"):
-            raise ValueError(f"base_mode={base_mode!r} is not one of ['in_place', 'non_destructive']")
-        if partitioned and base_fingerprint is None:
-            raise ValueError(
-                "the base weight is partitioned by ZeRO-3: pass base_fingerprint (computed where the weight was "
-                "gathered) or build the layer inside kasa_trl.distributed.gathered([weight])"
-            )
         # Given when loading (the saved one was just checked) or by the rank that decomposed this weight.
         self.base_fingerprint = (
             base_fingerprint if base_fingerprint is not None else weight_fingerprint(weight)
@@ -210,7 +303,7 @@ class KaSALinear(nn.Module):
         if self.merged:
             return weight
         if self.base_mode == "non_destructive":
-            weight = weight - self.removed_weight().to(torch.float64)
+            weight = weight - self._removed_float64()
         return weight + self.delta_weight().detach().to(torch.float64)
 
     @torch.no_grad()
@@ -218,6 +311,7 @@ class KaSALinear(nn.Module):
         """Fold the update (and, in non-destructive mode, the truncation) into the base weight."""
         if self.merged:
             raise RuntimeError("KaSA layer is already merged; call unmerge() first")
+        self.check_base_write("merge")
         self._write_base_weight(self.effective_weight())
         self.merged = True
 
@@ -226,24 +320,101 @@ class KaSALinear(nn.Module):
         """Undo ``merge`` (exact up to one rounding of the base dtype)."""
         if not self.merged:
             raise RuntimeError("KaSA layer is not merged")
+        self.check_base_write("unmerge")
         weight = self._base_weight().to(torch.float64) - self.delta_weight().to(torch.float64)
         if self.base_mode == "non_destructive":
-            weight = weight + self.removed_weight().to(torch.float64)
+            weight = weight + self._removed_float64()
         self._write_base_weight(weight)
         self.merged = False
 
     @torch.no_grad()
     def original_weight(self) -> torch.Tensor:
-        """The weight before KaSA, (out, in), in the base dtype (bit-exact in non-destructive mode)."""
+        """The weight before KaSA, (out, in), in the base dtype: bit-exact in non-destructive mode (unmerged),
+        else within one rounding of the base dtype (``W_trunc + R``, or ``W_merged - dW + R`` when merged)."""
         weight = self._base_weight()
-        if self.merged:
-            weight = weight.to(torch.float64) - self.delta_weight().to(torch.float64)
-            if self.base_mode == "in_place":
-                weight = weight + self.removed_weight().to(torch.float64)
-            return weight.to(self._base_weight().dtype)
-        if self.base_mode == "non_destructive":
+        if self.base_mode == "non_destructive" and not self.merged:
             return weight.clone()
-        return (weight.to(torch.float64) + self.removed_weight().to(torch.float64)).to(weight.dtype)
+        original = weight.to(torch.float64) + self._removed_float64()  # W_trunc + R
+        if self.merged:  # the base holds W_trunc + dW in either mode
+            original -= self.delta_weight().to(torch.float64)
+        return original.to(weight.dtype)
+
+    @torch.no_grad()
+    def restore_base(self) -> None:
+        """Write the original weight ``W`` back into the base layer (``original_weight``); the layer is then
+        unmerged in non-destructive mode, computing what it computed before. ``kasa_trl.unload`` calls it before
+        dropping the layer. A no-op for an unmerged non-destructive layer."""
+        if self.base_mode == "non_destructive" and not self.merged:
+            return
+        self.check_base_write("restore_base")
+        self._write_base_weight(self.original_weight())
+        self.base_mode = "non_destructive"
+        self.merged = False
+
+    @torch.no_grad()
+    def truncate_base(self) -> None:
+        """Inverse of ``restore_base``: an unmerged non-destructive layer writes ``W_trunc = W - R`` into its base
+        weight and runs in place from then on (same output, within one rounding of the base dtype)."""
+        if self.base_mode != "non_destructive" or self.merged:
+            raise RuntimeError("truncate_base needs an unmerged non-destructive KaSA layer")
+        self.check_base_write("truncate_base")
+        self._write_base_weight(truncate(self._base_weight(), self.removed_left, self.removed_right))
+        self.base_mode = "in_place"
+
+    def check_base_write(self, operation: str, where: str = "KaSA layer") -> None:
+        """Raise, changing nothing, unless ``operation`` (``merge``, ``unmerge``, ``restore_base``,
+        ``truncate_base``) can write this layer's base weight: the whole weight is here (not partitioned by
+        ZeRO-3, not on ``meta``), the terms it adds are finite, and the result fits the base dtype."""
+        param = self.base_layer.weight
+        check_base_weight(param, where)
+        if is_partitioned(param) and param.numel() == 0:
+            raise ValueError(
+                f"{where}: the base weight is partitioned by DeepSpeed ZeRO-3, so {operation} cannot write it. Save "
+                "the adapter (KaSATrainer.save_model) and merge or unload it in a single process: "
+                "kasa_trl.load_kasa_adapter(base, adapter_dir), or `kasa-trl merge ADAPTER OUT --base BASE`"
+            )
+        nd = self.base_mode == "non_destructive"
+        uses_removed = {"merge": nd, "unmerge": nd, "restore_base": True, "truncate_base": True}[operation]
+        uses_delta = operation in ("merge", "unmerge") or (operation == "restore_base" and self.merged)
+        terms = (
+            {"removed_left": self.removed_left, "removed_right": self.removed_right} if uses_removed else {}
+        )
+        if uses_delta:
+            terms.update(self.adapter_params())
+        bad = [key for key, t in terms.items() if not torch.isfinite(t).all()]
+        if bad:
+            raise ValueError(
+                f"{where}: {', '.join(bad)} hold non-finite values (NaN/Inf); {operation} would write them into "
+                "the base weight. Nothing was changed: reload the adapter from its last good save"
+            )
+        # |R_ij| <= ||left_i|| ||right_:j|| and |dW_ij| <= scaling ||(B sigma)_i|| ||A_:j|| (Cauchy-Schwarz): a
+        # cheap bound on the result; only when it exceeds the dtype's range is the result itself computed.
+        weight = self._base_weight()
+        bound = float(weight.abs().max()) if weight.numel() else 0.0
+        if uses_removed:
+            bound += _max_row_norm(self.removed_left) * _max_row_norm(self.removed_right.T)
+        if uses_delta:
+            scaled_b = self.lora_B.detach().double() * self.lora_diag.detach().double()
+            bound += abs(self.scaling) * _max_row_norm(scaled_b) * _max_row_norm(self.lora_A.detach().T)
+        if bound <= torch.finfo(weight.dtype).max / 2:
+            return
+        result = self._base_weight().to(torch.float64)
+        if uses_removed:
+            sign = 1.0 if operation in ("unmerge", "restore_base") else -1.0
+            result = result + sign * self._removed_float64()
+        if uses_delta:
+            sign = 1.0 if operation == "merge" else -1.0
+            result = result + sign * self.delta_weight().to(torch.float64)
+        if not torch.isfinite(result.to(weight.dtype)).all():
+            raise ValueError(
+                f"{where}: {operation} would overflow the base dtype {weight.dtype} (the result exceeds "
+                f"{torch.finfo(weight.dtype).max:g}); nothing was changed. Load the base in float32 (or bfloat16) "
+                "to merge this adapter"
+            )
+
+    def _removed_float64(self) -> torch.Tensor:
+        """``R`` in float64, the very product ``truncate`` subtracted."""
+        return removed_float64(self.removed_left, self.removed_right)
 
     def _base_weight(self) -> torch.Tensor:
         """The base weight as (out, in), a view of the parameter's data."""
@@ -260,6 +431,13 @@ class KaSALinear(nn.Module):
             f"r={self.r}, n_removed={self.n_removed}, scaling={self.scaling:g}, base_mode={self.base_mode}, "
             f"merged={self.merged}"
         )
+
+
+def _max_row_norm(matrix: torch.Tensor) -> float:
+    """The largest Euclidean norm of a row of ``matrix`` (0 for an empty one)."""
+    if matrix.numel() == 0:
+        return 0.0
+    return float(torch.linalg.vector_norm(matrix.detach().double(), dim=1).max())
 
 
 class _StackedDown(torch.autograd.Function):
