@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ EXIT_FAILURE, EXIT_USAGE = 1, 2
 _ADAPTER_FILE = "kasa_adapter.safetensors"
 _DTYPES = ("float32", "bfloat16", "float16")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# The PNG text chunk that marks a picture as inspect's, so that a later --png may replace it (and nothing else).
+_PNG_KEY, _PNG_TAG = "Software", "kasa-trl inspect"
 
 
 class UsageError(Exception):
@@ -42,7 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (the console script passes it to ``sys.exit``)."""
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            args.run(args)
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
@@ -136,10 +141,8 @@ def _add_io_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _export_lora(args: argparse.Namespace) -> None:
-    adapter, out = (
-        _check_adapter_dir(args.adapter_dir),
-        _check_out_dir(args.out_dir, args.overwrite, args.adapter_dir),
-    )
+    adapter = _check_adapter_dir(args.adapter_dir)
+    out = _check_out_dir(args.out_dir, args.overwrite, _inputs(adapter, args.base))
     import torch
 
     peft_integration = _peft_integration()
@@ -160,10 +163,8 @@ def _export_lora(args: argparse.Namespace) -> None:
 
 
 def _export_peft_kasa(args: argparse.Namespace) -> None:
-    adapter, out = (
-        _check_adapter_dir(args.adapter_dir),
-        _check_out_dir(args.out_dir, args.overwrite, args.adapter_dir),
-    )
+    adapter = _check_adapter_dir(args.adapter_dir)
+    out = _check_out_dir(args.out_dir, args.overwrite, _inputs(adapter, args.base))
     _peft_integration().export_peft_kasa(
         adapter, out, base_model_name_or_path=args.base, overwrite=args.overwrite
     )
@@ -173,10 +174,9 @@ def _export_peft_kasa(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    adapter, out = (
-        _check_adapter_dir(args.adapter_dir),
-        _check_out_dir(args.out_dir, args.overwrite, args.adapter_dir),
-    )
+    adapter = _check_adapter_dir(args.adapter_dir)
+    inputs = _inputs(adapter, args.base)
+    out = _check_out_dir(args.out_dir, args.overwrite, inputs)
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -194,7 +194,7 @@ def _merge(args: argparse.Namespace) -> None:
     n_layers = len(kasa_layers(model))
     merge_and_unload(model)
     tokenizer = _find_tokenizer(adapter, args.base)
-    with atomic_output_dir(out, overwrite=args.overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=args.overwrite, inputs=inputs) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -218,7 +218,7 @@ def _inspect(args: argparse.Namespace) -> None:
         )
         print(_format_table(stats))
     if args.png:
-        _plot(stats, Path(args.png))
+        _plot(stats, Path(args.png), inputs=_inputs(adapter, None))
         if not args.json:
             print(f"saved {args.png}")
 
@@ -290,7 +290,7 @@ def _format_table(stats: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _plot(stats: list[dict[str, Any]], path: Path) -> None:
+def _plot(stats: list[dict[str, Any]], path: Path, *, inputs: dict[str, Path | str | None]) -> None:
     try:
         import matplotlib
 
@@ -298,8 +298,7 @@ def _plot(stats: list[dict[str, Any]], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise UsageError("--png needs matplotlib: pip install 'kasa_trl[plots]'") from e
-    if path.parent and not path.parent.is_dir():
-        raise UsageError(f"cannot write {path}: directory {path.parent} does not exist")
+    atomic_output_file = _peft_integration().atomic_output_file
     index = range(len(stats))
     fig, (spectra, errors) = plt.subplots(1, 2, figsize=(12, 4), constrained_layout=True)
     spectra.plot(index, [s["delta_norm"] for s in stats], "o-", label="||dW||_F")
@@ -314,13 +313,21 @@ def _plot(stats: list[dict[str, Any]], path: Path) -> None:
     errors.plot(index, [s["orthogonality_error_B"] for s in stats], "x-", label="||B^T B - I||_F")
     errors.set(xlabel="KaSA layer", title="orthogonality errors")
     errors.legend(fontsize="small")
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
+        with atomic_output_file(path, inputs=inputs, is_ours=_is_our_png, what="PNG") as tmp:
+            fig.savefig(tmp, format="png", dpi=100, metadata={_PNG_KEY: _PNG_TAG})
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
+
+
+def _is_our_png(path: Path) -> bool:
+    """Whether ``path`` is a PNG that ``inspect --png`` wrote (its tEXt chunk ``Software: kasa-trl inspect``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)  # matplotlib writes the text chunks right after the header
+    except OSError:
+        return False
+    return head.startswith(b"\x89PNG\r\n\x1a\n") and f"{_PNG_KEY}\0{_PNG_TAG}".encode() in head
 
 
 def _peft_integration():
@@ -369,15 +376,24 @@ def _check_adapter_dir(path: str) -> Path:
     return directory
 
 
-def _check_out_dir(path: str, overwrite: bool, adapter_dir: str) -> Path:
-    out = Path(path)
-    if out.resolve() == Path(adapter_dir).resolve():
-        raise UsageError(f"OUT_DIR {out} is the adapter directory itself; choose another one")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"OUT_DIR {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"OUT_DIR {out} exists and is not empty; choose a new directory or pass --overwrite")
-    return out
+def _inputs(adapter: Path, base: str | None) -> dict[str, Path | str | None]:
+    """What a command reads, by role: no output may overlap them (``integrations.peft.atomic``)."""
+    return {
+        "adapter directory": adapter,
+        "base model directory": base if base and os.path.isdir(base) else None,
+    }
+
+
+def _check_out_dir(path: str, overwrite: bool, inputs: dict[str, Path | str | None]) -> Path:
+    """Refuse, before any work, an OUT_DIR that overlaps an input, or that --overwrite may not replace."""
+    check_output_dir = _peft_integration().check_output_dir
+    try:
+        check_output_dir(path, overwrite=overwrite, inputs=inputs)
+    except (ValueError, FileExistsError, NotADirectoryError) as e:
+        raise UsageError(
+            str(e).replace("overwrite=True (--overwrite on the command line)", "--overwrite")
+        ) from e
+    return Path(path)
 
 
 def _rank_arg(value: str) -> int | str:
@@ -398,6 +414,11 @@ def _positive_int(value: str) -> int:
 
 def _error(message: str) -> None:
     print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # One line per warning (what a killed earlier run left and what was done with it, an unchecked base...).
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

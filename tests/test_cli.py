@@ -18,6 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from integrations.peft.atomic import MANIFEST
 from kasa_trl import KaSAConfig, apply_kasa, load_kasa_adapter, save_kasa_adapter
 from kasa_trl import cli as kasa_cli
 from kasa_trl.adapter_io import ADAPTER_FILE
@@ -209,14 +210,26 @@ def test_inspect_prints_a_table_and_saves_a_png(ws, capsys, tmp_path):
         (["merge", "{adapter}", "{out}/m", "--base", "{ws}/other_base"], "fingerprint mismatch"),
         (
             ["export-lora", "{adapter}", "{out}/x", "--base", "{ws}/gpt2_base"],
-            "which base model .* does not have",
+            "does not fit base model .*gpt2_base: .*which GPT2LMHeadModel does not have",
+        ),
+        # The base weights are checked as load_kasa_adapter checks them, not only the architecture.
+        (
+            ["export-lora", "{adapter}", "{out}/x", "--base", "{ws}/other_base"],
+            "does not fit base model .*other_base",
+        ),
+        (
+            ["export-peft-kasa", "{adapter}", "{out}/x", "--base", "{ws}/other_base"],
+            "does not fit base model",
         ),
         (
             ["merge", "{adapter}", "{out}/m", "--base", "{ws}/no_such_base"],
             "base model directory .* does not exist",
         ),
         (["export-lora", "{adapter}", "{out}/x", "--pad-to-rank", "4"], "below the exported rank 6"),
-        (["export-lora", "{adapter}", "{adapter}"], "is the adapter directory itself"),
+        (
+            ["export-lora", "{adapter}", "{adapter}"],
+            "output .*adapter is .*adapter \\(the adapter directory\\)",
+        ),
         (["export-lora", "{adapter}", "{base}/config.json"], "exists and is not a directory"),
         (["inspect", "{ws}/nonempty/keep.txt"], "is not a directory"),
         (["inspect", "{ws}/missing"], "adapter directory .*missing does not exist"),
@@ -248,29 +261,50 @@ def test_usage_errors_exit_2(capsys, argv, message):
     assert re.search(message, capsys.readouterr().err)
 
 
-def test_failure_while_writing_leaves_no_output(ws, capsys, monkeypatch):
+def test_failure_while_writing_leaves_the_previous_output(ws, capsys, monkeypatch, tmp_path):
     from transformers import PreTrainedModel
+
+    out = tmp_path / "previous"
+    assert kasa_cli.main(["export-peft-kasa", str(ws / "adapter"), str(out)]) == 0
+    before = _tree(out)
 
     def half_write(self, directory, **kwargs):
         (Path(directory) / "model.safetensors").write_bytes(b"partial")
         raise RuntimeError("killed mid-write")
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", half_write)
-    out = ws / "nonempty"
     code = kasa_cli.main(["merge", str(ws / "adapter"), str(out), "--base", str(ws / "base"), "--overwrite"])
     assert code == 1
     err = capsys.readouterr().err
     assert "RuntimeError: killed mid-write" in err and "KASA_TRL_DEBUG" in err and "Traceback" not in err
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # the old output is untouched
-    assert [p.name for p in ws.iterdir() if p.name.startswith(".")] == []
+    assert _tree(out) == before  # the old output is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["previous"]  # no temporary directory left behind
 
 
-def test_overwrite_replaces_a_non_empty_output(ws, tmp_path):
+def test_overwrite_replaces_only_an_earlier_kasa_trl_output(ws, capsys, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
+    code = kasa_cli.main(["export-peft-kasa", str(ws / "adapter"), str(out), "--overwrite"])
+    _assert_one_line_error(code, capsys.readouterr().err, "not written by kasa_trl .* holds stale.txt")
+    assert (out / "stale.txt").read_text() == "old"
+    (out / "stale.txt").unlink()
     assert kasa_cli.main(["export-peft-kasa", str(ws / "adapter"), str(out), "--overwrite"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    written = ["adapter_config.json", "adapter_model.safetensors", MANIFEST]
+    assert sorted(p.name for p in out.iterdir()) == sorted(written)
+    # Its own earlier output is replaced (here by another command's).
+    assert kasa_cli.main(["export-lora", str(ws / "adapter"), str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(written)
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 6  # export-lora's rank r + n
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (links as their target path), to compare a directory before and after."""
+    return {
+        str(p.relative_to(root)): os.readlink(p).encode() if p.is_symlink() else p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() or p.is_symlink()
+    }
 
 
 # --- real processes: python -m kasa_trl.cli (started by the `runs` fixture) --------------------------------
@@ -306,7 +340,9 @@ def test_merge_saves_a_plain_model_with_the_tokenizer(runs, ws, kasa_logits):
 
 def test_bad_input_in_a_real_process_exits_2_with_one_line(runs, ws):
     result = runs["export_peft_kasa_wrong_base"]
-    _assert_one_line_error(result.returncode, result.stderr, "which base model .*gpt2_base .* does not have")
+    _assert_one_line_error(
+        result.returncode, result.stderr, "does not fit base model .*gpt2_base: .* does not have"
+    )
     assert not (ws / "out" / "wrong").exists()
 
 

@@ -16,6 +16,7 @@ if not hasattr(peft, "KasaConfig"):
 
 from integrations.peft import export_lora, export_peft_kasa, import_peft_kasa  # noqa: E402
 from integrations.peft import lora_export as lora_export_module  # noqa: E402
+from integrations.peft.atomic import MANIFEST  # noqa: E402
 from kasa_trl import KaSAConfig, apply_kasa, save_kasa_adapter  # noqa: E402
 from kasa_trl.tiny import build_tiny_gpt2, build_tiny_llama  # noqa: E402
 
@@ -130,12 +131,18 @@ def test_export_lora_rank_padding_rules():
 
 def test_exports_are_atomic_and_never_overwrite_by_accident(tmp_path, monkeypatch):
     model = _kasa_model("llama", target_modules=["q_proj"])
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("previous")
-    with pytest.raises(FileExistsError, match="not empty"):
-        export_lora(model, out)
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("previous")
+    for overwrite in (False, True):
+        with pytest.raises(
+            FileExistsError, match="not empty" if not overwrite else "not written by kasa_trl"
+        ):
+            export_lora(model, foreign, overwrite=overwrite)
+    assert sorted(p.name for p in foreign.iterdir()) == ["keep.txt"]
+
+    out = export_lora(model, tmp_path / "out")  # an earlier kasa_trl output: overwrite may replace it
+    previous = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def failing_save(*args, **kwargs):
         raise OSError("disk full")
@@ -146,11 +153,16 @@ def test_exports_are_atomic_and_never_overwrite_by_accident(tmp_path, monkeypatc
             export(model, tmp_path / "new")
         with pytest.raises(OSError, match="disk full"):
             export(model, out, overwrite=True)
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directory left behind
-        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "out"]  # no temporary directory left
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == previous
     monkeypatch.undo()
-    export_lora(model, out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    export_peft_kasa(model, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        MANIFEST,
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    assert "kasa_config" in json.loads((out / "adapter_config.json").read_text())
 
 
 def _peft_kasa_model(beta=0.5, gamma=0.25):

@@ -10,9 +10,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kasa_trl.adapter_io import read_adapter
+from kasa_trl.adapter_io import load_kasa_adapter, read_adapter
+
+try:
+    from kasa_trl.adapter_io import verify_adapter_base
+except ImportError:  # TEMPORARY until adapter_io exposes it: loading onto the scratch copy checks the same
+
+    def verify_adapter_base(model: nn.Module, adapter_directory: str | os.PathLike) -> None:
+        load_kasa_adapter(model, adapter_directory)
+
+
 from kasa_trl.config import KaSAConfig
-from kasa_trl.model import base_weight, get_kasa_config, kasa_layers
+from kasa_trl.model import get_kasa_config, kasa_layers
 
 FACTOR_KEYS = ("lora_A", "lora_B", "lora_diag", "removed_left", "removed_right")
 
@@ -43,9 +52,9 @@ def read_kasa_source(
 ) -> KaSASource:
     """Read a kasa_trl adapter directory, or the adapter carried by a live model (``apply_kasa``/``load_kasa_adapter``).
 
-    With a directory and ``base_model_name_or_path`` naming a model whose config can be read locally, the base
-    is built on the meta device (no weights) to check that every adapted module exists with the adapter's shapes
-    and to learn which ones are ``Conv1D``.
+    With a directory and ``base_model_name_or_path`` naming a model available locally (a directory, or the Hub
+    cache), the base is loaded and the adapter checked against it exactly as ``load_kasa_adapter`` checks it
+    (modules, shapes, base fingerprints), which also tells which targets are ``Conv1D``.
     """
     if isinstance(source, nn.Module):
         return _from_model(source, base_model_name_or_path)
@@ -58,7 +67,7 @@ def read_kasa_source(
         raise FileNotFoundError(f"adapter directory {directory} does not exist")
     config, per_layer = read_adapter(directory)
     layers = {name: {key: tensors[key] for key in FACTOR_KEYS} for name, tensors in per_layer.items()}
-    conv1d = _inspect_base(base_model_name_or_path, layers) if base_model_name_or_path else None
+    conv1d = _inspect_base(base_model_name_or_path, directory, layers) if base_model_name_or_path else None
     return KaSASource(config, layers, conv1d, base_model_name_or_path, directory)
 
 
@@ -83,53 +92,52 @@ def _from_model(model: nn.Module, base_model_name_or_path: str | None) -> KaSASo
     return KaSASource(config, tensors, conv1d, base_model_name_or_path, None)
 
 
-def _inspect_base(base: str, layers: dict[str, dict[str, torch.Tensor]]) -> dict[str, bool] | None:
-    """Per layer, whether ``base`` holds a ``Conv1D`` there; ``None`` if its config cannot be read locally.
+def source_inputs(
+    source: str | os.PathLike | nn.Module, base_model_name_or_path: str | None
+) -> dict[str, str | os.PathLike | None]:
+    """What an export reads, by role, for ``atomic.check_no_overlap``: the adapter directory and a local base."""
+    base = base_model_name_or_path
+    if base is None and isinstance(source, nn.Module):
+        base = getattr(getattr(source, "config", None), "name_or_path", None)
+    return {
+        "adapter directory": None if isinstance(source, nn.Module) else source,
+        "base model directory": base
+        if isinstance(base, (str, os.PathLike)) and os.path.isdir(base)
+        else None,
+    }
+
+
+def _inspect_base(
+    base: str, directory: Path, layers: dict[str, dict[str, torch.Tensor]]
+) -> dict[str, bool] | None:
+    """Check the adapter against ``base``'s weights as ``load_kasa_adapter`` does; per layer, whether ``base``
+    holds a ``Conv1D`` there. ``None`` when ``base`` is neither a local directory nor in the local Hub cache.
 
     Raises:
-        ValueError: the base lacks an adapted module or its shape differs from the adapter's (wrong base).
+        ValueError: the base lacks an adapted module, its shape differs, or its weights are not the ones the
+            adapter was trained on (the fingerprint rule of ``load_kasa_adapter``).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
     is_local = os.path.isdir(base)
     try:
-        config = AutoConfig.from_pretrained(base, local_files_only=True)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+        # dtype="auto": the checkpoint's own dtype (half the memory of float32 for a bf16 base); the fingerprint
+        # rule accepts bf16/fp16 copies of the same weights.
+        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         if is_local:
-            raise ValueError(f"cannot read the base model config at {base}: {e}") from e
+            raise ValueError(f"cannot load the base model at {base}: {e}") from e
         warnings.warn(
             f"base model {base!r} is not available locally, so the adapter is not checked against it and "
             f"Conv1D layers are not detected ({e})",
             stacklevel=3,
         )
         return None
-    conv1d = {}
-    for name, tensors in layers.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(
-                f"the adapter targets {name}, which base model {base} ({type(model).__name__}) does not have; "
-                "pass the base the adapter was trained on"
-            ) from None
-        if not isinstance(module, (nn.Linear, Conv1D)):
-            raise ValueError(
-                f"{name} in base model {base} is a {type(module).__name__}, not a Linear/Conv1D layer"
-            )
-        shape = (tensors["lora_B"].shape[0], tensors["lora_A"].shape[1])
-        if tuple(base_weight(module).shape) != shape:
-            raise ValueError(
-                f"{name} is {tuple(base_weight(module).shape)} (out, in) in base model {base} but the adapter was "
-                f"trained on a {shape} weight; pass the base the adapter was trained on"
-            )
-        conv1d[name] = isinstance(module, Conv1D)
+    modules = dict(model.named_modules())
+    conv1d = {name: isinstance(modules.get(name), Conv1D) for name in layers}
+    try:
+        verify_adapter_base(model, directory)
+    except ValueError as e:
+        raise ValueError(f"the adapter does not fit base model {base}: {e}") from e
     return conv1d
-
-
-def check_not_source(out_dir: str | os.PathLike, source: KaSASource) -> None:
-    """Refuse to write an export over the adapter it is read from."""
-    if source.directory is not None and Path(out_dir).resolve() == source.directory.resolve():
-        raise ValueError(f"output directory {out_dir} is the adapter directory itself; choose another one")

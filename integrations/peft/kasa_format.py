@@ -33,7 +33,7 @@ from ._peft_format import (
     split_key,
     write_peft_adapter,
 )
-from ._source import check_not_source, read_kasa_source
+from ._source import read_kasa_source, source_inputs
 from .atomic import atomic_output_dir, check_output_dir
 
 # kasa_trl regularizer names for PEFT's KasaConfig coefficients (both use the paper's sum over layers).
@@ -120,9 +120,9 @@ def export_peft_kasa(
             other than ``r`` components (``truncation="official"`` on a wide weight): PEFT could not reproduce
             it. ``export_lora`` handles both.
     """
-    check_output_dir(out_dir, overwrite=overwrite)
+    inputs = source_inputs(model_or_adapter_dir, base_model_name_or_path)
+    check_output_dir(out_dir, overwrite=overwrite, inputs=inputs)
     source = read_kasa_source(model_or_adapter_dir, base_model_name_or_path)
-    check_not_source(out_dir, source)
     config = source.config
     conv1d = sorted(name for name, is_conv in (source.conv1d or {}).items() if is_conv)
     if conv1d:
@@ -166,7 +166,7 @@ def export_peft_kasa(
         kasa_config={"beta": beta, "gamma": gamma},
     )
     provenance = {"export": "peft_kasa", "kasa_config": config.to_dict()}
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         write_peft_adapter(tmp, peft_config, tensors, provenance)
     return Path(out_dir)
 

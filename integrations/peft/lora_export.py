@@ -19,7 +19,7 @@ from torch import nn
 from kasa_trl.decomposition import lora_export_factors
 
 from ._peft_format import KEY_PREFIX, lora_config_dict, write_peft_adapter
-from ._source import check_not_source, read_kasa_source
+from ._source import read_kasa_source, source_inputs
 from .atomic import atomic_output_dir, check_output_dir
 
 VLLM_MAX_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -53,7 +53,9 @@ def export_lora(
             wider keeps the export exact to rounding.
         task_type: PEFT ``task_type`` (``"CAUSAL_LM"`` makes ``PeftModel.from_pretrained`` build a
             ``PeftModelForCausalLM``); ``None`` for a bare ``PeftModel``.
-        overwrite: replace a non-empty ``out_dir``.
+        overwrite: replace an earlier kasa_trl output in ``out_dir``; a directory holding anything else, or an
+            ``out_dir`` overlapping the adapter directory or a local base, is refused all the same
+            (``integrations.peft.atomic``).
 
     ``target_modules`` lists leaf names (``q_proj``), as vLLM expects. Where the adapter covers only some
     modules of a name, PEFT also wraps the others, with ``lora_B = 0``: no effect on the outputs.
@@ -62,9 +64,9 @@ def export_lora(
         ``out_dir`` as a ``Path``. The adapter's rank is ``max(r + n)`` over layers (``2 r`` with the paper's
         truncation), or ``pad_to_rank``; layers with a smaller ``r + n`` are zero-padded to it.
     """
-    check_output_dir(out_dir, overwrite=overwrite)
+    inputs = source_inputs(adapter_dir_or_model, base_model_name_or_path)
+    check_output_dir(out_dir, overwrite=overwrite, inputs=inputs)
     source = read_kasa_source(adapter_dir_or_model, base_model_name_or_path)
-    check_not_source(out_dir, source)
     config = source.config
     factors = {
         name: lora_export_factors(
@@ -94,7 +96,7 @@ def export_lora(
         "rank": rank,
         "natural_rank": natural_rank,
     }
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         write_peft_adapter(tmp, peft_config, tensors, provenance)
     return Path(out_dir)
 
