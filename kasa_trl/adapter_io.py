@@ -1,36 +1,68 @@
-"""Saving and loading KaSA adapters.
+"""Saving a model's KaSA adapter, and loading one onto a base model.
 
-An adapter directory holds ``kasa_adapter.safetensors`` (for every KaSA layer: ``lora_A``, ``lora_B``,
-``lora_diag``, the removed factors and a fingerprint of the original base weight; the config and the layer list
-in the file's metadata) and ``kasa_config.json``, a human-readable copy of the config. The safetensors file is
-self-contained and replaced atomically, so a crash while saving leaves the previous adapter loadable. Loading
-rebuilds the truncation from the stored factors: no decomposition runs, and the result is bit-identical on any
-hardware.
+The files and every check of them that needs no model live in ``adapter_files``. Loading checks, before the
+model is changed, that the model is the base the adapter was trained on: every target module exists, is supported,
+has the adapter's shapes and still holds the base weight (``fingerprint``: a copy in another float dtype passes, a
+different checkpoint or an already truncated one does not). It rebuilds the truncation from the stored factors: no
+decomposition runs, and the result is bit-identical on any hardware.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import math
 import os
-import tempfile
-import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from .adapter_files import (
+    ADAPTER_FILE,
+    BASE_MODEL_KEY,
+    CONFIG_FILE,
+    FORMAT,
+    TENSOR_KEYS,
+    AdapterInfo,
+    read_adapter,
+    read_adapter_info,
+    write_adapter,
+)
 from .config import KaSAConfig
-from .fingerprint import fingerprints_match, weight_fingerprint
-from .layer import KaSALinear
-from .model import _check_supported, _freeze_all_but_adapters, _set_submodule, base_weight, kasa_layers
-from .regularizers import registered_regularizers
+from .distributed import is_partitioned
+from .fingerprint import TOLERANCE, base_deviation
+from .layer import KaSALinear, check_layer_arguments
+from .model import (
+    base_weight,
+    check_shared_weights,
+    check_supported,
+    get_kasa_config,
+    install_kasa_layers,
+    kasa_layers,
+    removed_rank,
+    resolve_model_base_mode,
+)
 
-ADAPTER_FILE = "kasa_adapter.safetensors"
-CONFIG_FILE = "kasa_config.json"
-FORMAT = "kasa_trl.adapter.v1"
-TENSOR_KEYS = ("lora_A", "lora_B", "lora_diag", "removed_left", "removed_right", "base_fingerprint")
+__all__ = [  # the file-level names are re-exported: callers import them from here
+    "ADAPTER_FILE",
+    "BASE_MODEL_KEY",
+    "CONFIG_FILE",
+    "FORMAT",
+    "TENSOR_KEYS",
+    "AdapterInfo",
+    "adapter_state_dict",
+    "layer_tensors",
+    "load_kasa_adapter",
+    "model_name_or_path",
+    "read_adapter",
+    "read_adapter_info",
+    "save_kasa_adapter",
+    "verify_adapter_base",
+    "write_adapter",
+]
+
+
+# --- saving ------------------------------------------------------------------------------------------------------
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -54,69 +86,37 @@ def layer_tensors(name: str, layer: KaSALinear) -> dict[str, torch.Tensor]:
     return {f"{name}.{key}": t.detach().cpu().contiguous() for key, t in values.items()}
 
 
-def save_kasa_adapter(model: nn.Module, save_directory: str | os.PathLike) -> Path:
-    """Write the adapter of ``model`` to ``save_directory`` (created if needed); returns the directory."""
-    from .model import get_kasa_config
+def model_name_or_path(model: nn.Module) -> str | None:
+    """The hub id or directory ``model`` was loaded from, as transformers records it (``None`` if unknown)."""
+    for owner in (model, getattr(model, "config", None)):
+        name = getattr(owner, "name_or_path", None)
+        if isinstance(name, str) and name:
+            return name
+    return None
 
-    return write_adapter(save_directory, adapter_state_dict(model), get_kasa_config(model))
 
-
-def write_adapter(
-    save_directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: KaSAConfig
+def save_kasa_adapter(
+    model: nn.Module, save_directory: str | os.PathLike, *, base_model_name_or_path: str | None = None
 ) -> Path:
-    """Atomically write ``tensors`` (from ``adapter_state_dict``) and ``config`` as an adapter directory."""
-    directory = Path(save_directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    layers = sorted({key.rsplit(".", 1)[0] for key in tensors})
-    metadata = {
-        "format": FORMAT,
-        "kasa_config": json.dumps(config.to_dict(), sort_keys=True),
-        "layers": json.dumps(layers),
-    }
-    # Temporary files left by a save that was killed mid-write (never a complete adapter).
-    for stale in directory.glob(f".{ADAPTER_FILE}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    _atomic_write(directory / ADAPTER_FILE, lambda path: save_file(tensors, str(path), metadata=metadata))
-    _atomic_write(
-        directory / CONFIG_FILE,
-        lambda path: path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"),
+    """Write the adapter of ``model`` to ``save_directory`` (created if needed); returns the directory.
+
+    ``base_model_name_or_path`` (default: the name transformers recorded when loading the base, if any) is stored
+    with the adapter; ``read_adapter_info`` returns it. Nothing is written if a tensor is non-finite.
+    """
+    base = base_model_name_or_path if base_model_name_or_path is not None else model_name_or_path(model)
+    return write_adapter(
+        save_directory, adapter_state_dict(model), get_kasa_config(model), base_model_name_or_path=base
     )
-    return directory
 
 
-def read_adapter(directory: str | os.PathLike) -> tuple[KaSAConfig, dict[str, dict[str, torch.Tensor]]]:
-    """The config and, per layer, the tensors of a saved adapter; every format problem is a ``ValueError``."""
-    path = Path(directory) / ADAPTER_FILE
-    if not path.is_file():
-        hint = (
-            " (it holds a PEFT adapter: see integrations/peft)"
-            if (Path(directory) / "adapter_config.json").is_file()
-            else ""
-        )
-        raise FileNotFoundError(f"no KaSA adapter at {directory}: {ADAPTER_FILE} is missing{hint}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(
-            f"{path} is corrupt or truncated ({e}); re-save the adapter or restore a copy"
-        ) from e
-    if metadata.get("format") != FORMAT:
-        raise ValueError(
-            f"{path} is not a kasa_trl adapter (format {metadata.get('format')!r}, expected {FORMAT!r})"
-        )
-    config = _config_from_metadata(metadata, path)
-    layers = json.loads(metadata.get("layers", "[]"))
-    per_layer: dict[str, dict[str, torch.Tensor]] = {}
-    for name in layers:
-        missing = [key for key in TENSOR_KEYS if f"{name}.{key}" not in tensors]
-        if missing:
-            raise ValueError(f"{path} is missing tensors {missing} for layer {name}; the file is incomplete")
-        per_layer[name] = {key: tensors[f"{name}.{key}"] for key in TENSOR_KEYS}
-    if not per_layer:
-        raise ValueError(f"{path} holds no KaSA layers")
-    return config, per_layer
+# --- loading onto a model ----------------------------------------------------------------------------------------
+
+
+def verify_adapter_base(model: nn.Module, adapter_directory: str | os.PathLike) -> None:
+    """Every check ``load_kasa_adapter`` runs, without changing ``model``: the files (header, dtypes, shapes,
+    finite values, ``kasa_config.json``), and that ``model`` is the base the adapter was trained on (each target
+    exists, is supported, has the adapter's shapes and the base weight: see ``fingerprint``)."""
+    _checked_load(model, adapter_directory, True)
 
 
 def load_kasa_adapter(
@@ -124,115 +124,173 @@ def load_kasa_adapter(
 ) -> nn.Module:
     """Rebuild the saved KaSA adapter on ``model``, an untouched copy of the base it was trained on.
 
-    Runs no decomposition. Every layer is checked (module exists and is supported, shapes, base fingerprint)
-    before the model is modified, so a failed load leaves ``model`` unchanged.
+    Runs no decomposition. Everything ``verify_adapter_base`` checks is checked before the model is modified,
+    so an error leaves ``model`` unchanged. A failure while the layers are built (out of memory, Ctrl-C) writes
+    back the weights truncated so far (within one rounding of the base dtype) before it propagates.
     """
+    config, per_layer, modules = _checked_load(model, adapter_directory, is_trainable)
+    # Nothing was modified so far. Building a layer truncates its weight in in_place mode.
+    layers: dict[str, KaSALinear] = {}
+    try:
+        for name, tensors in per_layer.items():
+            layer = KaSALinear(
+                modules[name],
+                tensors["removed_left"],
+                tensors["removed_right"],
+                r=config.r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                use_rslora=config.use_rslora,
+                base_mode=config.base_mode,
+                adapter_dtype=tensors["lora_A"].dtype,
+                base_fingerprint=tensors["base_fingerprint"],
+            )
+            layers[name] = layer
+            with torch.no_grad():
+                for key, param in layer.adapter_params().items():
+                    param.copy_(tensors[key])
+    except BaseException:
+        for layer in reversed(layers.values()):
+            layer.restore_base()
+        raise
+    install_kasa_layers(model, layers, config)
+    if not is_trainable:
+        for layer in layers.values():
+            for param in layer.adapter_params().values():
+                param.requires_grad_(False)
+    return model
+
+
+def _checked_load(
+    model: nn.Module, adapter_directory: str | os.PathLike, is_trainable: bool
+) -> tuple[KaSAConfig, dict[str, dict[str, torch.Tensor]], dict[str, nn.Module]]:
+    """The adapter's config (its base mode resolved for ``model``), tensors and target modules, all checked."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(is_trainable, bool):
+        raise TypeError(f"is_trainable must be True or False, got {is_trainable!r}")
     if kasa_layers(model):
         raise ValueError("model already carries KaSA layers; load the adapter onto a fresh base model")
     config, per_layer = read_adapter(adapter_directory)
+    where = Path(adapter_directory) / ADAPTER_FILE
     modules = {
-        name: _check_layer(model, name, tensors, config, adapter_directory)
-        for name, tensors in per_layer.items()
+        name: _target_module(model, name, tensors, config, where) for name, tensors in per_layer.items()
     }
-    for name, tensors in per_layer.items():
-        module = modules[name]
-        layer = KaSALinear(
-            module,
-            tensors["removed_left"],
-            tensors["removed_right"],
+    names_of: dict[int, list[str]] = {}
+    for name, module in modules.items():
+        names_of.setdefault(id(module), []).append(name)
+    aliases = [names for names in names_of.values() if len(names) > 1]
+    if aliases:
+        raise ValueError(
+            f"adapter {where} lists {aliases[0]}, which are one module of {type(model).__name__} under several "
+            "names: loading would truncate its weight once per name. The file was not written by this kasa_trl "
+            "for this model; re-save the adapter"
+        )
+    try:
+        base_mode = resolve_model_base_mode(model, modules, config.base_mode)
+        check_shared_weights(model, modules, base_mode)
+        check_layer_arguments(
             r=config.r,
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
-            base_mode=config.base_mode,
-            adapter_dtype=tensors["lora_A"].dtype,
-            base_fingerprint=tensors["base_fingerprint"],
+            base_mode=base_mode,
         )
-        with torch.no_grad():
-            for key, param in layer.adapter_params().items():
-                param.copy_(tensors[key])
-        _set_submodule(model, name, layer)
-    _freeze_all_but_adapters(model)
-    if not is_trainable:
-        for layer in kasa_layers(model).values():
-            for param in layer.adapter_params().values():
-                param.requires_grad_(False)
-    model.kasa_config = config
-    return model
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"adapter {where}: {e}") from None
+    _check_base_weights(modules, per_layer, where)
+    return dataclasses.replace(config, base_mode=base_mode), per_layer, modules
 
 
-def _check_layer(
-    model: nn.Module,
-    name: str,
-    tensors: dict[str, torch.Tensor],
-    config: KaSAConfig,
-    where: str | os.PathLike,
+def _target_module(
+    model: nn.Module, name: str, tensors: dict[str, torch.Tensor], config: KaSAConfig, where: Path
 ) -> nn.Module:
     try:
         module = model.get_submodule(name)
     except AttributeError:
         raise ValueError(
-            f"adapter at {where} targets {name}, which {type(model).__name__} does not have; "
+            f"adapter {where} targets {name}, which {type(model).__name__} does not have; "
             "load it onto the base model it was trained on"
         ) from None
-    _check_supported(name, module)
-    out_features, in_features = base_weight(module).shape
-    r = config.r
-    n = tensors["removed_left"].shape[-1]
-    expected = {
-        "lora_A": (r, in_features),
-        "lora_B": (out_features, r),
-        "lora_diag": (r,),
-        "removed_left": (out_features, n),
-        "removed_right": (n, in_features),
-    }
-    for key, shape in expected.items():
-        if tuple(tensors[key].shape) != shape:
-            raise ValueError(
-                f"adapter tensor {name}.{key} has shape {tuple(tensors[key].shape)} but {name} "
-                f"({out_features}x{in_features}, r={r}) needs {shape}; the adapter belongs to another model"
-            )
-    if not fingerprints_match(tensors["base_fingerprint"], weight_fingerprint(base_weight(module))):
+    try:
+        check_supported(name, module)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"adapter {where}: {e}") from None
+    weight = module.weight
+    if weight.is_meta:
         raise ValueError(
-            f"the weight of {name} differs from the base this adapter was trained on (fingerprint mismatch); "
-            "load the adapter onto the same base checkpoint, unmodified (not already truncated or merged)"
+            f"adapter {where}: the weight of {name} is on the meta device (the model was built without its "
+            "weights, e.g. under init_empty_weights or with device_map='meta'); load the base model with its "
+            "weights, then the adapter"
+        )
+    if is_partitioned(weight):
+        raise ValueError(
+            f"adapter {where}: the weight of {name} is partitioned by DeepSpeed ZeRO-3; load the adapter onto "
+            "the model before deepspeed.initialize (or the Trainer) partitions it"
+        )
+    out_features, in_features = base_weight(module).shape
+    r, n = config.r, tensors["removed_left"].shape[1]
+    if tuple(tensors["lora_A"].shape) != (r, in_features) or tuple(tensors["lora_B"].shape) != (
+        out_features,
+        r,
+    ):
+        key = "lora_A" if tensors["lora_A"].shape[1] != in_features else "lora_B"
+        shape = (r, in_features) if key == "lora_A" else (out_features, r)
+        raise ValueError(
+            f"adapter tensor {name}.{key} has shape {tuple(tensors[key].shape)} but {name} "
+            f"({out_features}x{in_features}, r={r}) needs {shape}; the adapter belongs to another model "
+            f"(file {where})"
+        )
+    try:
+        expected_n = removed_rank(module, config, name)
+    except ValueError as e:
+        raise ValueError(f"adapter {where}: {e}") from None
+    if n != expected_n:
+        raise ValueError(
+            f"adapter {where}: layer {name} holds {n} removed components but truncation={config.truncation!r} "
+            f"with r={r} removes {expected_n} from a {out_features}x{in_features} weight; the file is damaged: "
+            "re-save the adapter"
         )
     return module
 
 
-def _config_from_metadata(metadata: dict[str, str], path: Path) -> KaSAConfig:
-    try:
-        data = json.loads(metadata["kasa_config"])
-    except (KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} has no readable KaSA config in its metadata; re-save the adapter") from e
-    # Regularizers matter for training only; an adapter trained with a user-registered one must still load.
-    weights = data.get("regularizers") or {}
-    unknown = sorted(set(weights) - set(registered_regularizers()))
-    if unknown:
-        warnings.warn(
-            f"adapter was trained with regularizers {unknown} that are not registered here; they are dropped "
-            "from the loaded config (register them before loading to keep them)",
-            stacklevel=3,
+def _check_base_weights(
+    modules: dict[str, nn.Module], per_layer: dict[str, dict[str, torch.Tensor]], where: Path
+) -> None:
+    """Every target weight is the base the adapter was trained on (the rule: ``fingerprint``'s docstring)."""
+    mismatched = {}
+    for name, module in modules.items():
+        tensors = per_layer[name]
+        deviation = base_deviation(
+            base_weight(module),
+            tensors["base_fingerprint"],
+            tensors["removed_left"],
+            tensors["removed_right"],
         )
-        data["regularizers"] = {k: v for k, v in weights.items() if k not in unknown}
-    return KaSAConfig.from_dict(data)
-
-
-def _atomic_write(target: Path, write) -> None:
-    """Write through a temporary file in the same directory, fsync, then rename over ``target``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        write(tmp_path)
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, target)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        if not deviation.matches:
+            mismatched[name] = deviation
+    if not mismatched:
+        return
+    name, deviation = next(iter(mismatched.items()))
+    if any(math.isnan(v) for v in (deviation.projections, deviation.norm, deviation.removed)):
+        detail = "its weights hold NaN/Inf: check the base checkpoint"
+    elif deviation.already_truncated:
+        detail = (
+            f"it no longer carries the directions this adapter removes ({deviation.removed_kept:.0%} of their "
+            "singular values left): the base is already truncated, e.g. a merged model or one that had this "
+            "adapter loaded"
+        )
+    else:
+        detail = (
+            f"its fingerprint moved by {deviation.projections:.3g} and the removed directions by "
+            f"{deviation.removed:.3g} of the weight's RMS, its norm by {deviation.norm:.2%}; the tolerance is "
+            f"{TOLERANCE} (a bf16/fp16 copy of the same weights moves them by under 0.006)"
+        )
+    others = (
+        f"; {len(mismatched) - 1} more of the {len(modules)} layers differ" if len(mismatched) > 1 else ""
+    )
+    raise ValueError(
+        f"adapter {where}: the weight of {name} differs from the base this adapter was trained on (fingerprint "
+        f"mismatch); load the adapter onto the same base checkpoint, unmodified (not already truncated or "
+        f"merged): {detail}{others}"
+    )

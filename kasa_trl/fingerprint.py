@@ -1,24 +1,103 @@
-"""A cheap, hardware-independent fingerprint of a base weight.
+"""Whether a weight is the base an adapter was trained on: two cheap tests, independent of hardware and dtype.
 
-A hash of the bytes would be exact but costs a full pass over every weight at load time, and breaks when the
-same model is loaded in another dtype. A handful of fixed random projections in float64 (one mat-vec per probe)
-separates different checkpoints by O(1) relative differences while agreeing to ~1e-7 across hardware and to
-~1e-3 across fp32/bf16 copies of the same weights.
+1. A fingerprint saved with the adapter: ``N_PROBES`` projections ``l_k^T W r_k / sqrt(out in)`` with fixed
+   Gaussian probes, and ``||W||_F``. A projection has the scale of ``rms(W) = ||W||_F / sqrt(out in)``, and a
+   change ``D`` of the weight moves it by about ``N(0, rms(D)^2)``: in units of ``rms(W)``, by the relative
+   change ``||D||_F / ||W||_F`` times a standard normal.
+2. The removed directions (DESIGN.md section 4). The adapter stores ``removed_left = U_n S_n`` and
+   ``removed_right = V_n^T``; the untouched base satisfies ``u_i^T W v_i = s_i`` for each removed triplet, a base
+   already truncated by the adapter (a merged model, or one that had the adapter loaded) gives 0. The change
+   ``D`` moves ``u_i^T W v_i`` by ``u_i^T D v_i``, also about ``N(0, rms(D)^2)``.
+
+The rule: a weight is the base when every projection and every ``u_i^T W v_i - s_i`` is within ``TOLERANCE``
+times ``rms(W)`` of the saved value, and its norm within ``TOLERANCE`` of the saved norm (relative). So
+
+- a copy of the same weights in another floating dtype is accepted: re-rounding to bf16 changes each entry by at
+  most ``2^-8`` of itself (unit roundoff), so ``||D|| <= 0.0039 ||W||`` (about 0.0017 in practice, 0.0002 for
+  fp16), and a deviation of ``TOLERANCE`` is at least 5 standard deviations away;
+- a change of relative size ``c`` in a direction unrelated to the probes passes one test with probability
+  ``P(|N(0, 1)| < TOLERANCE / c)``, all ``N_PROBES + n`` of them with that to the power ``N_PROBES + n``: for
+  ``c = 0.1`` that is at most ``0.16^4 < 7e-4``, for another checkpoint (``c`` about 1.4) about ``1e-9``;
+- a base already truncated moves test 2 by ``s_i``: refused whenever the largest removed singular value exceeds
+  ``TOLERANCE * rms(W)`` (when all are smaller, the truncation changed the weight by less than the tolerance).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 N_PROBES = 4
-# Relative tolerance when comparing fingerprints: above bf16/fp16 re-rounding of the same weights (whose
-# projections agree to ~eps / sqrt(n)), far below the difference between two checkpoints.
-RTOL = 2e-3
+# In units of rms(W) for the projections and the removed directions, relative for the norm.
+TOLERANCE = 0.02
 
 
 def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
     """Fingerprint of ``weight`` (out, in): float64 (N_PROBES + 1,) = projections and the Frobenius norm."""
+    return _fingerprint64(weight.detach().to(torch.float64))
+
+
+@dataclass(frozen=True)
+class BaseDeviation:
+    """How far a weight is from the base an adapter was trained on (``base_deviation``).
+
+    Attributes:
+        projections: the largest change of a fingerprint projection, in units of ``rms(W)``.
+        norm: the relative change of ``||W||_F``.
+        removed: the largest ``|u_i^T W v_i - s_i|`` over the removed triplets, in units of ``rms(W)`` (0 if none).
+        removed_kept: ``sum_i s_i u_i^T W v_i / sum_i s_i^2``: 1 on the base, 0 on a base already truncated
+            (1 when nothing was removed).
+    """
+
+    projections: float
+    norm: float
+    removed: float
+    removed_kept: float
+
+    @property
+    def matches(self) -> bool:
+        """Whether every test is within ``TOLERANCE`` (NaN never matches)."""
+        return all(value <= TOLERANCE for value in (self.projections, self.norm, self.removed))
+
+    @property
+    def already_truncated(self) -> bool:
+        """Whether the weight looks like the base with the removed part already taken out."""
+        return not self.matches and abs(self.removed_kept) < 0.5 and self.projections <= TOLERANCE * 10
+
+
+def base_deviation(
+    weight: torch.Tensor, fingerprint: torch.Tensor, removed_left: torch.Tensor, removed_right: torch.Tensor
+) -> BaseDeviation:
+    """Compare ``weight`` (out, in) with the base described by its saved ``fingerprint`` (N_PROBES + 1,) and the
+    removed factors ``removed_left`` (out, n) = ``U_n S_n`` and ``removed_right`` (n, in) = ``V_n^T``.
+
+    Computed in float64 on ``weight``'s device: one (out, in) x (in, N_PROBES + n) product.
+    """
     w = weight.detach().to(torch.float64)
+    out_features, in_features = w.shape
+    current = _fingerprint64(w)
+    saved = fingerprint.detach().to(torch.float64).cpu()
+    norm = max(float(saved[-1]), float(current[-1]))
+    rms = norm / math.sqrt(out_features * in_features)
+    projections = _relative(float((current[:-1] - saved[:-1]).abs().max()), rms)
+    norm_change = _relative(abs(float(current[-1]) - float(saved[-1])), norm)
+
+    left = removed_left.detach().to(w.device, torch.float64)  # (out, n)
+    right = removed_right.detach().to(w.device, torch.float64)  # (n, in)
+    s = torch.linalg.vector_norm(left, dim=0)  # (n,) the removed singular values
+    carried = (left * (w @ right.T)).sum(dim=0)  # (n,) s_i u_i^T W v_i
+    kept = s > 0  # a zero singular value has no left direction to test (and removes nothing)
+    if not bool(kept.any()):
+        return BaseDeviation(projections, norm_change, 0.0, 1.0)
+    s, carried = s[kept], carried[kept]
+    removed = _relative(float((carried / s - s).abs().max()), rms)
+    removed_kept = float(carried.sum() / (s * s).sum())
+    return BaseDeviation(projections, norm_change, removed, removed_kept)
+
+
+def _fingerprint64(w: torch.Tensor) -> torch.Tensor:
     out_features, in_features = w.shape
     gen = torch.Generator(device="cpu").manual_seed(0x4B615341)  # "KaSA"
     right = torch.randn(in_features, N_PROBES, generator=gen, dtype=torch.float64).to(w.device)
@@ -27,10 +106,8 @@ def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([projections, torch.linalg.matrix_norm(w).reshape(1)]).cpu()
 
 
-def fingerprints_match(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two fingerprints come from the same weights (up to dtype re-rounding)."""
-    if a.shape != b.shape:
-        return False
-    a, b = a.to(torch.float64), b.to(torch.float64)
-    scale = max(float(a[-1]), float(b[-1]), 1e-30)  # the Frobenius norm bounds every projection
-    return float((a - b).abs().max()) <= RTOL * scale
+def _relative(difference: float, scale: float) -> float:
+    """``difference / scale``; an exact match of an all-zero weight is 0, any difference from it is infinite."""
+    if scale > 0:
+        return difference / scale
+    return 0.0 if difference == 0 else math.inf

@@ -1,0 +1,337 @@
+"""The adapter directory: its files, their format, and every check of them that needs no model.
+
+An adapter directory holds ``kasa_adapter.safetensors`` (for every KaSA layer: ``lora_A``, ``lora_B``,
+``lora_diag``, the removed factors and a fingerprint of the original base weight; in the file's metadata the
+format, the config, the layer list and, when known, the base model's name) and ``kasa_config.json``, a
+human-readable copy of the config. The safetensors file is the single source of truth: self-contained and replaced
+atomically, so a crash while saving leaves the previous adapter loadable. ``kasa_config.json`` may be missing; when
+present it must agree with it (an edit by hand would otherwise be silently ignored). Writers of one directory are
+serialized (``atomic_files``), so concurrent saves leave one writer's adapter, whole.
+
+Writing checks what reading checks (complete layers, dtypes, shapes, finite values): a file written here always
+reads back. Reading checks every header field and tensor before returning anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .atomic_files import atomic_write, directory_lock, fsync_directory, remove_stale_temporaries
+from .config import KaSAConfig
+from .fingerprint import N_PROBES
+from .regularizers import registered_regularizers
+
+ADAPTER_FILE = "kasa_adapter.safetensors"
+CONFIG_FILE = "kasa_config.json"
+FORMAT = "kasa_trl.adapter.v1"
+
+TENSOR_KEYS = ("lora_A", "lora_B", "lora_diag", "removed_left", "removed_right", "base_fingerprint")
+# Metadata keys: FORMAT, the config and the layer list always; the base model's name when known (added later:
+# files without it load as before).
+BASE_MODEL_KEY = "base_model_name_or_path"
+FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# safetensors' names of the dtypes above, as a header lists them.
+_HEADER_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What an adapter file's header says (``read_adapter_info``).
+
+    Attributes:
+        path: the ``kasa_adapter.safetensors`` file.
+        config: the KaSA config the adapter was trained with.
+        layers: the adapted modules' qualified names, sorted.
+        base_model_name_or_path: the base model it was saved from (a hub id or a path), if recorded.
+    """
+
+    path: Path
+    config: KaSAConfig
+    layers: tuple[str, ...]
+    base_model_name_or_path: str | None
+
+
+def write_adapter(
+    save_directory: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    config: KaSAConfig,
+    *,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Atomically write ``tensors`` (from ``adapter_state_dict``) and ``config`` as an adapter directory.
+
+    The tensors are checked as a load checks them (complete layers, dtypes, shapes, finite values) before
+    anything is written: a file this function writes always reads back.
+    """
+    directory = Path(save_directory)
+    if not isinstance(config, KaSAConfig):
+        raise TypeError(f"config must be a kasa_trl.KaSAConfig, got {type(config).__name__}")
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise TypeError(
+            f"base_model_name_or_path must be a str (a hub id or a path) or None, got "
+            f"{type(base_model_name_or_path).__name__}"
+        )
+    where = f"not saving the adapter to {directory}"
+    layers = sorted({key.rsplit(".", 1)[0] for key in tensors})
+    _check_layout(
+        {key: (t.dtype, tuple(t.shape)) for key, t in tensors.items()}, layers, config, where, for_saving=True
+    )
+    _check_finite(tensors, where, for_saving=True)
+    metadata = {
+        "format": FORMAT,
+        "kasa_config": json.dumps(config.to_dict(), sort_keys=True),
+        "layers": json.dumps(layers),
+    }
+    if base_model_name_or_path:
+        metadata[BASE_MODEL_KEY] = base_model_name_or_path
+    directory.mkdir(parents=True, exist_ok=True)
+    with directory_lock(directory, exclusive=True):
+        remove_stale_temporaries(directory, (ADAPTER_FILE, CONFIG_FILE))
+        # The copy goes first and comes back last: a save killed in between leaves no copy, never a disagreeing one.
+        (directory / CONFIG_FILE).unlink(missing_ok=True)
+        fsync_directory(directory)
+        atomic_write(directory / ADAPTER_FILE, lambda path: save_file(tensors, str(path), metadata=metadata))
+        atomic_write(
+            directory / CONFIG_FILE,
+            lambda path: path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"),
+        )
+        fsync_directory(directory)
+    return directory
+
+
+# --- reading -----------------------------------------------------------------------------------------------------
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[KaSAConfig, dict[str, dict[str, torch.Tensor]]]:
+    """The config and, per layer, the tensors of a saved adapter.
+
+    Every problem of the files is a ``ValueError`` naming the file (a missing adapter a ``FileNotFoundError``):
+    header fields, tensor names, dtypes, shapes, non-finite values, a ``kasa_config.json`` that disagrees.
+    """
+    with directory_lock(_existing_directory(directory), exclusive=False):
+        info, specs = _read_header(directory)
+        try:
+            with safe_open(str(info.path), framework="pt") as f:
+                tensors = {key: f.get_tensor(key) for key in specs}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ValueError(
+                f"{info.path} is corrupt or truncated ({e}); re-save the adapter or restore a copy"
+            ) from e
+    _check_finite(tensors, str(info.path), for_saving=False)
+    per_layer = {name: {key: tensors[f"{name}.{key}"] for key in TENSOR_KEYS} for name in info.layers}
+    return info.config, per_layer
+
+
+def read_adapter_info(directory: str | os.PathLike) -> AdapterInfo:
+    """The header of a saved adapter: config, layers, base model name. Checks the header as ``read_adapter`` does
+    (not the tensors' values, which it does not read)."""
+    with directory_lock(_existing_directory(directory), exclusive=False):
+        return _read_header(directory)[0]
+
+
+def _existing_directory(directory: str | os.PathLike) -> Path:
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"adapter directory must be a str or a path, got {type(directory).__name__}")
+    path = Path(directory) / ADAPTER_FILE
+    if not path.is_file():
+        hint = (
+            " (it holds a PEFT adapter: see integrations/peft)"
+            if (Path(directory) / "adapter_config.json").is_file()
+            else ""
+        )
+        raise FileNotFoundError(f"no KaSA adapter at {directory}: {ADAPTER_FILE} is missing{hint}")
+    return Path(directory)
+
+
+Spec = tuple[
+    torch.dtype | str, tuple[int, ...]
+]  # a tensor's dtype (its header name if unsupported) and shape
+
+
+def _read_header(directory: str | os.PathLike) -> tuple[AdapterInfo, dict[str, Spec]]:
+    path = _existing_directory(directory) / ADAPTER_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            specs: dict[str, Spec] = {}
+            for key in f.keys():
+                piece = f.get_slice(key)
+                dtype = piece.get_dtype()
+                specs[key] = (_HEADER_DTYPES.get(dtype, dtype), tuple(piece.get_shape()))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(
+            f"{path} is corrupt or truncated ({e}); re-save the adapter or restore a copy"
+        ) from e
+    if metadata.get("format") != FORMAT:
+        raise ValueError(
+            f"{path} is not a kasa_trl adapter (format {metadata.get('format')!r}, expected {FORMAT!r})"
+        )
+    config_dict = _json_field(metadata, "kasa_config", path, dict, "a JSON object (the KaSA config)")
+    config = _config_from_dict(config_dict, path)
+    layers = _json_field(metadata, "layers", path, list, "a JSON list of module names")
+    bad = [name for name in layers if not isinstance(name, str) or not all(name.split("."))]
+    if bad:
+        raise ValueError(
+            f"{path}: metadata field 'layers' holds {bad[:3]!r}, not module names; re-save the adapter"
+        )
+    duplicates = sorted({name for name in layers if layers.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"{path}: metadata field 'layers' lists {duplicates[:3]} twice; re-save the adapter")
+    base = metadata.get(BASE_MODEL_KEY)
+    _check_layout(specs, layers, config, str(path), for_saving=False)
+    _check_config_copy(Path(directory) / CONFIG_FILE, config_dict, path)
+    return AdapterInfo(path, config, tuple(sorted(layers)), base or None), specs
+
+
+def _json_field(metadata: Mapping[str, str], key: str, path: Path, kind: type, what: str) -> Any:
+    try:
+        value = json.loads(metadata[key])
+    except KeyError:
+        raise ValueError(f"{path} has no {key!r} in its metadata; re-save the adapter") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{path}: metadata field {key!r} is not valid JSON ({e}); re-save the adapter"
+        ) from e
+    if not isinstance(value, kind):
+        raise ValueError(
+            f"{path}: metadata field {key!r} holds {type(value).__name__}, expected {what}; re-save the adapter"
+        )
+    return value
+
+
+def _config_from_dict(data: dict[str, Any], path: Path) -> KaSAConfig:
+    # Regularizers matter for training only; an adapter trained with a user-registered one must still load.
+    data = dict(data)
+    weights = data.get("regularizers")
+    if isinstance(weights, dict):
+        unknown = sorted(set(weights) - set(registered_regularizers()), key=str)
+        if unknown:
+            warnings.warn(
+                f"adapter {path} was trained with regularizers {unknown} that are not registered here; they are "
+                "dropped from the loaded config (register them before loading to keep them)",
+                stacklevel=4,
+            )
+            data["regularizers"] = {k: v for k, v in weights.items() if k not in unknown}
+    try:
+        return KaSAConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} holds an invalid KaSA config: {e}") from e
+
+
+def _check_config_copy(json_path: Path, saved: dict[str, Any], path: Path) -> None:
+    """``kasa_config.json`` (optional) must say what the adapter file says: the file is what loads."""
+    if not json_path.exists():
+        return
+    fix = (
+        f"the config in {path.name} is the one that loads, so an edit of {json_path.name} would be ignored: "
+        f"delete {json_path.name} or re-save the adapter to restore it"
+    )
+    try:
+        copy = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{json_path} is unreadable ({e}); {fix}") from e
+    if not isinstance(copy, dict):
+        raise ValueError(f"{json_path} holds {type(copy).__name__}, not a JSON object; {fix}")
+    differing = sorted(
+        (k for k in saved.keys() | copy.keys() if not _same_json(saved.get(k), copy.get(k))), key=str
+    )
+    if differing:
+        details = "; ".join(
+            f"{k}: {json.dumps(copy.get(k))} in {json_path.name}, {json.dumps(saved.get(k))} in {path.name}"
+            for k in differing[:5]
+        )
+        raise ValueError(f"{json_path} disagrees with {path} on {differing} ({details}); {fix}")
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
+    numbers = isinstance(a, (int, float)) and isinstance(b, (int, float))
+    return (type(a) is type(b) or numbers) and a == b
+
+
+def _check_layout(
+    specs: Mapping[str, Spec], layers: list[str], config: KaSAConfig, where: str, *, for_saving: bool
+) -> None:
+    """Every listed layer has exactly the adapter's tensors, with supported dtypes and consistent shapes."""
+    redo = "" if for_saving else "; re-save the adapter"
+    if not layers:
+        raise ValueError(f"{where}: the adapter holds no KaSA layers{redo}")
+    expected_keys = {f"{name}.{key}" for name in layers for key in TENSOR_KEYS}
+    for name in layers:
+        missing = [key for key in TENSOR_KEYS if f"{name}.{key}" not in specs]
+        if missing:
+            raise ValueError(f"{where}: missing tensors {missing} for layer {name}; the file is incomplete")
+    extra = sorted(set(specs) - expected_keys)
+    if extra:
+        raise ValueError(
+            f"{where}: tensors {extra[:5]} belong to no listed layer (each layer has {list(TENSOR_KEYS)}){redo}"
+        )
+    for name in layers:
+        _check_layer_layout({key: specs[f"{name}.{key}"] for key in TENSOR_KEYS}, name, config.r, where, redo)
+
+
+def _check_layer_layout(specs: Mapping[str, Spec], name: str, r: int, where: str, redo: str) -> None:
+    def fail(key: str, problem: str) -> NoReturn:
+        raise ValueError(f"{where}: adapter tensor {name}.{key} {problem}{redo}")
+
+    for key, (dtype, _) in specs.items():
+        allowed = (torch.float64,) if key == "base_fingerprint" else FACTOR_DTYPES
+        if dtype not in allowed:
+            fail(key, f"has dtype {dtype}, expected one of {[str(d) for d in allowed]}")
+    adapter_dtypes = {specs[key][0] for key in ("lora_A", "lora_B", "lora_diag")}
+    if len(adapter_dtypes) > 1:
+        fail("lora_B", f"and lora_A, lora_diag have different dtypes {sorted(map(str, adapter_dtypes))}")
+    ranks = {key: len(shape) for key, (_, shape) in specs.items()}
+    expected_ranks = {key: 1 if key in ("lora_diag", "base_fingerprint") else 2 for key in TENSOR_KEYS}
+    for key, ndim in ranks.items():
+        if ndim != expected_ranks[key]:
+            fail(key, f"has shape {specs[key][1]}, expected a {expected_ranks[key]}-D tensor")
+    out_features, in_features = specs["lora_B"][1][0], specs["lora_A"][1][1]
+    n = specs["removed_left"][1][1]
+    expected = {
+        "lora_A": (r, in_features),
+        "lora_B": (out_features, r),
+        "lora_diag": (r,),
+        "removed_left": (out_features, n),
+        "removed_right": (n, in_features),
+        "base_fingerprint": (N_PROBES + 1,),
+    }
+    for key, shape in expected.items():
+        if specs[key][1] != shape:
+            fail(
+                key,
+                f"has shape {specs[key][1]} but {name} ({out_features}x{in_features}, r={r}) needs {shape}; the "
+                "adapter belongs to another model or the file is damaged",
+            )
+    if n > min(out_features, in_features):
+        fail(
+            "removed_left",
+            f"holds {n} removed components, more than min(out, in)={min(out_features, in_features)}",
+        )
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor], where: str, *, for_saving: bool) -> None:
+    bad = sorted(key for key, t in tensors.items() if not bool(torch.isfinite(t).all()))
+    if bad:
+        fix = (
+            "the adapter factors have diverged: lower the learning rate or the regularizer weights"
+            if for_saving
+            else "the adapter is damaged: restore a copy or an earlier checkpoint"
+        )
+        error = FloatingPointError if for_saving else ValueError
+        raise error(f"{where}: non-finite (NaN/Inf) values in {bad[:5]}; {fix}")

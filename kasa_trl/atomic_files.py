@@ -1,0 +1,137 @@
+"""Files that readers never see half-written, even with several writers at once.
+
+A file is written to an exclusively created temporary file with an unpredictable name in the target's directory
+(``mkstemp``: no following a link planted at a known name), fsynced, then renamed over the target. Writers that
+must replace several files of one directory together hold the directory's exclusive lock (``flock``; readers hold
+it shared), so the files always come from one writer. A temporary file is named
+``.<target>.<host>-<pid>.<random>.tmp``: one left by a killed writer is removed by the next writer once that
+writer can prove it stale (same host, process gone); any other is left alone, and named in a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+try:  # POSIX; elsewhere writers of one directory are not serialized
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+
+@contextlib.contextmanager
+def directory_lock(directory: Path, *, exclusive: bool) -> Iterator[None]:
+    """Hold ``directory``'s lock, exclusively (writers) or shared (readers); no lock where the OS offers none."""
+    if fcntl is None:
+        yield
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. no permission to open it: nothing to serialize with
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        except OSError as e:  # e.g. a file system without flock
+            if exclusive:
+                warnings.warn(
+                    f"cannot lock {directory} ({e}); concurrent writers into it are not serialized",
+                    stacklevel=4,
+                )
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
+    """Call ``write(path)`` on a new temporary file next to ``target``, fsync it, then rename it over ``target``.
+
+    The caller fsyncs the directory (``fsync_directory``) once its renames are done.
+    """
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{target.name}.{_host_tag()}-{os.getpid()}.", suffix=".tmp", dir=target.parent
+    )
+    tmp_path = Path(tmp)
+    try:
+        try:
+            with contextlib.suppress(OSError):  # some file systems (vfat, CIFS) have no modes
+                os.fchmod(fd, _new_file_mode())
+        finally:
+            os.close(fd)
+        write(tmp_path)
+        with open(tmp_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, target)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temporaries(directory: Path, targets: Iterable[str]) -> None:
+    """Remove the temporary files that killed writers of ``targets`` (file names) left in ``directory``.
+
+    Call it holding the directory's exclusive lock. Only a file whose writer is provably gone is removed: written
+    on this host by a process that no longer runs. The others (a writer still running, or one on another host or
+    from an older version, which named its files differently) are named in a warning and left alone.
+    """
+    names = "|".join(re.escape(name) for name in targets)
+    pattern = re.compile(rf"^\.(?:{names})\.(?P<host>[A-Za-z0-9_]*)-(?P<pid>\d+)\.[^.]+\.tmp$")
+    prefixes = tuple(f".{name}." for name in targets)
+    host, kept = _host_tag(), []
+    for path in directory.iterdir():
+        if not (path.name.startswith(prefixes) and path.name.endswith(".tmp")):
+            continue
+        match = pattern.match(path.name)
+        if match and match["host"] == host and not _process_alive(int(match["pid"])):
+            path.unlink(missing_ok=True)
+        else:
+            kept.append(path.name)
+    if kept:
+        warnings.warn(
+            f"{directory} holds temporary files {sorted(kept)[:5]} of a write that may still be running (or of one "
+            "killed on another machine or by an older version); they are ignored. Delete them once no other process "
+            "writes into this directory",
+            stacklevel=3,
+        )
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the renames in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:64]
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: another user's process
+        return True
+    return True
+
+
+def _new_file_mode() -> int:
+    """The mode ``open`` gives a new file (0666 less the umask): ``mkstemp``'s 0600 would hide the file from the
+    user's group. Read from /proc, because ``os.umask`` can only be read by setting it (racing other threads)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    return 0o644
