@@ -47,7 +47,31 @@ def is_complete_checkpoint(path: str | os.PathLike, *, require_optimizer: bool =
         require_optimizer: pass ``False`` for runs saved with ``save_only_model=True``, whose checkpoints hold no
             optimizer, scheduler or RNG state by design.
     """
-    return _why_incomplete(Path(path), require_optimizer) is None
+    return incomplete_reason(path, require_optimizer=require_optimizer) is None
+
+
+def incomplete_reason(path: str | os.PathLike, *, require_optimizer: bool = True) -> str | None:
+    """Why ``path`` is not a checkpoint training can resume from exactly (see ``is_complete_checkpoint``), or
+    ``None`` when it is one."""
+    return _why_incomplete(Path(path), require_optimizer)
+
+
+def missing_training_state(path: str | os.PathLike) -> list[str]:
+    """The parts of the optimizer, scheduler and RNG state ``path`` lacks (empty when it holds them all).
+
+    Without them transformers' ``Trainer`` resumes silently with a fresh optimizer, a learning-rate schedule
+    started over from its first step and other random numbers.
+    """
+    directory = Path(path)
+    missing = []
+    deepspeed = _has_deepspeed_checkpoint(directory)
+    if not deepspeed and not any((directory / name).is_file() for name in OPTIMIZER_FILES):
+        missing.append(f"the optimizer state ({' or '.join(OPTIMIZER_FILES)})")
+    if not deepspeed and not (directory / SCHEDULER_FILE).is_file():
+        missing.append(f"the scheduler state ({SCHEDULER_FILE})")
+    if not any(directory.glob("rng_state*.pth")):
+        missing.append("the RNG state (rng_state*.pth)")
+    return missing
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike, *, require_optimizer: bool = True) -> str | None:
@@ -115,14 +139,8 @@ def _check_adapter(directory: Path) -> str | None:
 
 
 def _check_training_state(directory: Path) -> str | None:
-    deepspeed = _has_deepspeed_checkpoint(directory)
-    if not deepspeed and not any((directory / name).is_file() for name in OPTIMIZER_FILES):
-        return f"the optimizer state ({' or '.join(OPTIMIZER_FILES)}) is missing"
-    if not deepspeed and not (directory / SCHEDULER_FILE).is_file():
-        return f"the scheduler state ({SCHEDULER_FILE}) is missing"
-    if not any(directory.glob("rng_state*.pth")):
-        return "the RNG state (rng_state*.pth) is missing"
-    return None
+    missing = missing_training_state(directory)
+    return f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing" if missing else None
 
 
 def _has_deepspeed_checkpoint(directory: Path) -> bool:
