@@ -40,8 +40,21 @@ TENSOR_KEYS = ("lora_A", "lora_B", "lora_diag", "removed_left", "removed_right",
 # files without it load as before).
 BASE_MODEL_KEY = "base_model_name_or_path"
 FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# safetensors' names of the dtypes above, as a header lists them.
-_HEADER_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+# safetensors' dtype names, as a header lists them (to name a wrong dtype as torch does).
+_HEADER_DTYPES = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
 
 
 @dataclass(frozen=True)
@@ -230,14 +243,14 @@ def _config_from_dict(data: dict[str, Any], path: Path) -> KaSAConfig:
 
 def _check_config_copy(json_path: Path, saved: dict[str, Any], path: Path) -> None:
     """``kasa_config.json`` (optional) must say what the adapter file says: the file is what loads."""
-    if not json_path.exists():
-        return
     fix = (
         f"the config in {path.name} is the one that loads, so an edit of {json_path.name} would be ignored: "
         f"delete {json_path.name} or re-save the adapter to restore it"
     )
     try:
         copy = json.loads(json_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{json_path} is unreadable ({e}); {fix}") from e
     if not isinstance(copy, dict):

@@ -212,17 +212,17 @@ def _target_module(
             f"adapter {where} targets {name}, which {type(model).__name__} does not have; "
             "load it onto the base model it was trained on"
         ) from None
-    try:
-        check_supported(name, module)
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"adapter {where}: {e}") from None
-    weight = module.weight
-    if weight.is_meta:
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_meta:
         raise ValueError(
             f"adapter {where}: the weight of {name} is on the meta device (the model was built without its "
             "weights, e.g. under init_empty_weights or with device_map='meta'); load the base model with its "
             "weights, then the adapter"
         )
+    try:
+        check_supported(name, module)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"adapter {where}: {e}") from None
     if is_partitioned(weight):
         raise ValueError(
             f"adapter {where}: the weight of {name} is partitioned by DeepSpeed ZeRO-3; load the adapter onto "
@@ -230,17 +230,13 @@ def _target_module(
         )
     out_features, in_features = base_weight(module).shape
     r, n = config.r, tensors["removed_left"].shape[1]
-    if tuple(tensors["lora_A"].shape) != (r, in_features) or tuple(tensors["lora_B"].shape) != (
-        out_features,
-        r,
-    ):
-        key = "lora_A" if tensors["lora_A"].shape[1] != in_features else "lora_B"
-        shape = (r, in_features) if key == "lora_A" else (out_features, r)
-        raise ValueError(
-            f"adapter tensor {name}.{key} has shape {tuple(tensors[key].shape)} but {name} "
-            f"({out_features}x{in_features}, r={r}) needs {shape}; the adapter belongs to another model "
-            f"(file {where})"
-        )
+    for key, shape in (("lora_A", (r, in_features)), ("lora_B", (out_features, r))):
+        if tuple(tensors[key].shape) != shape:
+            raise ValueError(
+                f"adapter tensor {name}.{key} has shape {tuple(tensors[key].shape)} but {name} "
+                f"({out_features}x{in_features}, r={r}) needs {shape}; the adapter belongs to another model "
+                f"(file {where})"
+            )
     try:
         expected_n = removed_rank(module, config, name)
     except ValueError as e:

@@ -60,12 +60,10 @@ def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
     )
     tmp_path = Path(tmp)
     try:
-        try:
-            with contextlib.suppress(OSError):  # some file systems (vfat, CIFS) have no modes
-                os.fchmod(fd, _new_file_mode())
-        finally:
-            os.close(fd)
+        os.close(fd)
         write(tmp_path)
+        with contextlib.suppress(OSError):  # after writing: some writers (safetensors) recreate the file 0600
+            os.chmod(tmp_path, _new_file_mode())
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, target)

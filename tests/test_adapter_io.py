@@ -1,13 +1,43 @@
 import json
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoModelForCausalLM
 
-from kasa_trl import KaSAConfig, apply_kasa, kasa_layers, load_kasa_adapter, save_kasa_adapter
-from kasa_trl.adapter_io import ADAPTER_FILE, CONFIG_FILE
+from kasa_trl import (
+    KaSAConfig,
+    apply_kasa,
+    kasa_layers,
+    load_kasa_adapter,
+    merge_and_unload,
+    save_kasa_adapter,
+)
+from kasa_trl.adapter_io import (
+    ADAPTER_FILE,
+    BASE_MODEL_KEY,
+    CONFIG_FILE,
+    TENSOR_KEYS,
+    adapter_state_dict,
+    read_adapter,
+    read_adapter_info,
+    verify_adapter_base,
+    write_adapter,
+)
 from kasa_trl.tiny import build_tiny_gpt2, build_tiny_llama
 
 from .conftest import VOCAB, randomize_adapters
+from .test_fingerprint import weight_with_triplets
 
 
 def _logits(model, ids):
@@ -149,3 +179,332 @@ def test_config_file_unknown_key_and_future_version(tmp_path):
     (tmp_path / "c.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         KaSAConfig.from_json(tmp_path / "c.json")
+
+
+# --- base identity (kasa_trl/fingerprint.py states the rule) ---------------------------------------------------
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model, before):
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert not kasa_layers(model)
+
+
+def _snapshot(directory):
+    return {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir())}
+
+
+def test_merged_model_as_base_is_refused_as_already_truncated(tmp_path):
+    model = apply_kasa(build_tiny_llama(VOCAB, seed=0), KaSAConfig(r=4, base_mode="in_place"))
+    save_kasa_adapter(model, tmp_path)
+    merged = merge_and_unload(model)  # B = 0: the merged weights are W - R
+    before = _state(merged)
+    with pytest.raises(
+        ValueError,
+        match=r"fingerprint mismatch\); load the adapter onto the same base checkpoint, unmodified .*: it no longer "
+        r"carries the directions this adapter removes \(0% of their singular values left\): the base is already "
+        r"truncated.*; 13 more of the 14 layers differ",
+    ):
+        load_kasa_adapter(merged, tmp_path)
+    _assert_unchanged(merged, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_same_base_in_another_dtype_loads(tmp_path, dtype):
+    save_kasa_adapter(apply_kasa(build_tiny_llama(VOCAB, seed=0), KaSAConfig(r=4)), tmp_path)
+    loaded = load_kasa_adapter(build_tiny_llama(VOCAB, seed=0).to(dtype), tmp_path)
+    assert len(kasa_layers(loaded)) == 14
+
+
+def test_perturbed_base_is_refused_with_the_figures(tmp_path):
+    save_kasa_adapter(apply_kasa(build_tiny_llama(VOCAB, seed=0), KaSAConfig(r=4)), tmp_path)
+    base = build_tiny_llama(VOCAB, seed=0)
+    with torch.no_grad():
+        weight = base.model.layers[0].mlp.down_proj.weight
+        weight += 0.05 * weight.std() * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
+    before = _state(base)
+    with pytest.raises(
+        ValueError,
+        match=r"the weight of model\.layers\.0\.mlp\.down_proj differs .*its fingerprint moved by [\d.e-]+ and the "
+        r"removed directions by [\d.e-]+ of the weight's RMS, its norm by [\d.]+%; the tolerance is 0\.02",
+    ) as info:
+        load_kasa_adapter(base, tmp_path)
+    assert "more of the" not in str(info.value)  # only that layer
+    _assert_unchanged(base, before)
+
+
+class _OneLayer(nn.Module):
+    def __init__(self, weight):
+        super().__init__()
+        self.proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(weight)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def test_base_identity_at_4096(tmp_path):
+    """One 4096x4096 layer (as in a Llama of hidden 4096): every copy of the same weights loads, nothing else."""
+    weight, left, right = weight_with_triplets(4096, 4096, 16, seed=0)
+
+    def known_factors(targets, n_removed, config):
+        return {"proj": (left, right)}
+
+    model = apply_kasa(_OneLayer(weight), KaSAConfig(r=16, target_modules=["proj"]), decomposer=known_factors)
+    save_kasa_adapter(model, tmp_path)
+    x = torch.randn(3, 4096, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x)
+    del model
+    other = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(1)) * 0.02
+    perturbed = weight + 0.05 * 0.02 * torch.randn(4096, 4096, generator=torch.Generator().manual_seed(2))
+    refused = {
+        "another random weight of the same norm": (other, r"its fingerprint moved by"),
+        "a truncated copy": (weight - left @ right, r"the base is already truncated"),
+        "a copy perturbed by 5%": (perturbed, r"its fingerprint moved by"),
+    }
+    for case, (candidate, message) in refused.items():
+        base = _OneLayer(candidate)
+        with pytest.raises(ValueError, match=r"the weight of proj differs .*" + message):
+            verify_adapter_base(base, tmp_path)
+        assert torch.equal(base.proj.weight, candidate), case
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        verify_adapter_base(_OneLayer(weight).to(dtype), tmp_path)
+    loaded = load_kasa_adapter(_OneLayer(weight), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+
+
+# --- all or nothing --------------------------------------------------------------------------------------------
+
+
+def _rewrite(directory, edit, metadata_edit=None):
+    path = Path(directory) / ADAPTER_FILE
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    if metadata_edit is not None:
+        metadata_edit(metadata)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+LAST = "model.layers.1.self_attn.v_proj"  # the last layer of the file (sorted)
+
+
+@pytest.fixture
+def adapter(tmp_path):
+    model = apply_kasa(build_tiny_llama(VOCAB, seed=0), KaSAConfig(r=2))
+    randomize_adapters(model)
+    save_kasa_adapter(model, tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def test_integer_tensor_in_the_last_layer_changes_nothing_and_a_retry_works(adapter, tmp_path):
+    shutil.copytree(adapter, tmp_path / "good")
+    _rewrite(adapter, lambda t: t.update({f"{LAST}.lora_A": t[f"{LAST}.lora_A"].to(torch.int32)}))
+    assert sorted(read_adapter(tmp_path / "good")[1])[-1] == LAST
+    model = build_tiny_llama(VOCAB, seed=0)
+    before = _state(model)
+    with pytest.raises(
+        ValueError,
+        match=rf"{re.escape(str(adapter / ADAPTER_FILE))}: adapter tensor {re.escape(LAST)}\.lora_A has dtype "
+        r"torch\.int32, expected one of \['torch\.float16', 'torch\.bfloat16', 'torch\.float32', 'torch\.float64'\]",
+    ):
+        load_kasa_adapter(model, adapter)
+    _assert_unchanged(model, before)
+    load_kasa_adapter(model, tmp_path / "good")  # the retry is accepted
+    assert len(kasa_layers(model)) == 14
+
+
+@pytest.mark.parametrize(
+    "key", ["lora_A", "lora_B", "lora_diag", "removed_left", "removed_right", "base_fingerprint"]
+)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_tensor_is_refused_naming_tensor_and_file(adapter, key, value):
+    def poison(tensors):
+        t = tensors[f"{LAST}.{key}"].clone()
+        t.view(-1)[0] = value
+        tensors[f"{LAST}.{key}"] = t
+
+    _rewrite(adapter, poison)
+    model = build_tiny_llama(VOCAB, seed=0)
+    before = _state(model)
+    files = _snapshot(adapter)
+    with pytest.raises(
+        ValueError,
+        match=rf"{re.escape(str(adapter / ADAPTER_FILE))}: non-finite \(NaN/Inf\) values in "
+        rf"\['{re.escape(LAST)}\.{key}'\]; the adapter is damaged",
+    ):
+        load_kasa_adapter(model, adapter)
+    _assert_unchanged(model, before)
+    assert _snapshot(adapter) == files
+
+
+def test_saving_a_non_finite_adapter_writes_nothing(tmp_path):
+    model = apply_kasa(build_tiny_llama(VOCAB, seed=0), KaSAConfig(r=2))
+    with torch.no_grad():
+        kasa_layers(model)[LAST].lora_diag[0] = float("nan")
+    with pytest.raises(
+        FloatingPointError,
+        match=rf"not saving the adapter to .*: non-finite \(NaN/Inf\) values in \['{re.escape(LAST)}\.lora_diag'\]",
+    ):
+        save_kasa_adapter(model, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    save_kasa_adapter(apply_kasa(build_tiny_llama(VOCAB, seed=0), KaSAConfig(r=2)), tmp_path / "old")
+    files = _snapshot(tmp_path / "old")
+    with pytest.raises(FloatingPointError):
+        save_kasa_adapter(model, tmp_path / "old")
+    assert _snapshot(tmp_path / "old") == files
+
+
+def test_meta_device_model_gets_a_clear_message(adapter):
+    with torch.device("meta"):
+        model = build_tiny_llama(VOCAB, seed=0)
+    with pytest.raises(
+        ValueError, match=r"the weight of model\.layers\.0\.mlp\.down_proj is on the meta device"
+    ):
+        load_kasa_adapter(model, adapter)
+    assert not kasa_layers(model)
+
+
+def test_verify_adapter_base_checks_without_changing_the_model(adapter):
+    model = build_tiny_llama(VOCAB, seed=0)
+    before = _state(model)
+    assert verify_adapter_base(model, adapter) is None
+    _assert_unchanged(model, before)
+    with pytest.raises(ValueError, match="fingerprint mismatch"):
+        verify_adapter_base(build_tiny_llama(VOCAB, seed=1), adapter)
+    with pytest.raises(TypeError, match="is_trainable must be True or False, got 'yes'"):
+        load_kasa_adapter(model, adapter, is_trainable="yes")
+
+
+def test_one_module_listed_under_two_names_is_refused(adapter):
+    model = build_tiny_llama(VOCAB, seed=0)
+    model.model.layers[0].mlp.alias = model.model.layers[0].mlp.down_proj  # the same module, a second name
+    source = "model.layers.0.mlp.down_proj"
+
+    def duplicate(tensors):
+        for key in TENSOR_KEYS:
+            tensors[f"model.layers.0.mlp.alias.{key}"] = tensors[f"{source}.{key}"].clone()
+
+    def list_it(metadata):
+        metadata["layers"] = json.dumps(sorted([*json.loads(metadata["layers"]), "model.layers.0.mlp.alias"]))
+
+    _rewrite(adapter, duplicate, list_it)
+    before = _state(model)
+    with pytest.raises(
+        ValueError,
+        match=r"lists \['model\.layers\.0\.mlp\.alias', '" + re.escape(source) + r"'\], "
+        r"which are one module of LlamaForCausalLM under several names",
+    ):
+        load_kasa_adapter(model, adapter)
+    _assert_unchanged(model, before)
+
+
+# --- kasa_config.json: the adapter file is the single source of truth ----------------------------------------------
+
+
+def test_edited_config_copy_is_refused_naming_the_fields(adapter):
+    path = adapter / CONFIG_FILE
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "lora_alpha": 32, "use_rslora": 1}))
+    model = build_tiny_llama(VOCAB, seed=0)
+    with pytest.raises(
+        ValueError,
+        match=r"kasa_config\.json disagrees with .*kasa_adapter\.safetensors on \['lora_alpha', 'use_rslora'\] "
+        r"\(lora_alpha: 32 in kasa_config\.json, 16 in kasa_adapter\.safetensors; use_rslora: 1 in kasa_config\.json, "
+        r"false in kasa_adapter\.safetensors\); the config in kasa_adapter\.safetensors is the one that loads, so an "
+        r"edit of kasa_config\.json would be ignored: delete kasa_config\.json or re-save the adapter",
+    ):
+        load_kasa_adapter(model, adapter)
+    assert not kasa_layers(model)
+    path.write_text("{broken")
+    with pytest.raises(ValueError, match=r"kasa_config\.json is unreadable .*delete kasa_config\.json"):
+        read_adapter(adapter)
+    path.write_text(json.dumps({**data, "lora_alpha": 16.0}))  # the same value, written differently
+    read_adapter(adapter)
+    path.unlink()  # a missing copy is fine
+    load_kasa_adapter(model, adapter)
+
+
+# --- the base model's name -------------------------------------------------------------------------------------
+
+
+def test_base_model_name_is_recorded(tmp_path):
+    build_tiny_llama(VOCAB, seed=0).save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    save_kasa_adapter(apply_kasa(base, KaSAConfig(r=2)), tmp_path / "a")
+    info = read_adapter_info(tmp_path / "a")
+    assert info.base_model_name_or_path == str(tmp_path / "base")
+    assert (
+        info.config == KaSAConfig(r=2)
+        and len(info.layers) == 14
+        and info.path == tmp_path / "a" / ADAPTER_FILE
+    )
+    assert BASE_MODEL_KEY not in json.loads((tmp_path / "a" / CONFIG_FILE).read_text())
+    model = apply_kasa(build_tiny_llama(VOCAB, seed=0), KaSAConfig(r=2))  # built in code: no name
+    save_kasa_adapter(model, tmp_path / "b")
+    assert read_adapter_info(tmp_path / "b").base_model_name_or_path is None
+    save_kasa_adapter(model, tmp_path / "c", base_model_name_or_path="org/tiny")
+    assert read_adapter_info(tmp_path / "c").base_model_name_or_path == "org/tiny"
+    # write_adapter keeps its positional signature (the trainer's call).
+    write_adapter(tmp_path / "d", adapter_state_dict(model), model.kasa_config)
+    assert read_adapter_info(tmp_path / "d").base_model_name_or_path is None
+
+
+def test_file_without_the_newer_fields_still_loads(tmp_path):
+    """An adapter written before base_model_name_or_path existed: only the three original metadata keys."""
+    model = apply_kasa(build_tiny_llama(VOCAB, seed=0), KaSAConfig(r=2))
+    tensors = adapter_state_dict(model)
+    metadata = {
+        "format": "kasa_trl.adapter.v1",
+        "kasa_config": json.dumps(model.kasa_config.to_dict(), sort_keys=True),
+        "layers": json.dumps(sorted(kasa_layers(model))),
+    }
+    tmp_path.joinpath("old").mkdir()
+    save_file(tensors, str(tmp_path / "old" / ADAPTER_FILE), metadata=metadata)
+    assert read_adapter_info(tmp_path / "old").base_model_name_or_path is None
+    load_kasa_adapter(build_tiny_llama(VOCAB, seed=0), tmp_path / "old")
+
+
+# --- files: modes, temporaries ---------------------------------------------------------------------------------
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_kasa_adapter(apply_kasa(build_tiny_llama(VOCAB), KaSAConfig(r=2)), tmp_path)
+    finally:
+        os.umask(old)
+    assert {stat.S_IMODE((tmp_path / name).stat().st_mode) for name in (ADAPTER_FILE, CONFIG_FILE)} == {0o644}
+
+
+def _dead_pid():
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_stale_temporaries_are_removed_only_when_provably_stale(tmp_path):
+    model = apply_kasa(build_tiny_llama(VOCAB), KaSAConfig(r=2))
+    save_kasa_adapter(model, tmp_path)
+    host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:64]
+    stale = tmp_path / f".{ADAPTER_FILE}.{host}-{_dead_pid()}.abc123.tmp"
+    running = tmp_path / f".{CONFIG_FILE}.{host}-{os.getppid()}.def456.tmp"  # a live process
+    elsewhere = tmp_path / f".{ADAPTER_FILE}.otherhost-1.ghi789.tmp"
+    old_style = tmp_path / f".{ADAPTER_FILE}.x1y2z3.tmp"  # named by an older kasa_trl
+    unrelated = tmp_path / "notes.tmp"
+    for path in (stale, running, elsewhere, old_style, unrelated):
+        path.write_bytes(b"partial")
+    with pytest.warns(
+        UserWarning, match=r"holds temporary files \[.*\] of a write that may still be running"
+    ):
+        save_kasa_adapter(model, tmp_path)
+    assert not stale.exists()
+    assert all(p.exists() for p in (running, elsewhere, old_style, unrelated))
+    load_kasa_adapter(build_tiny_llama(VOCAB), tmp_path)  # ignored when loading
