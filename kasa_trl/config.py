@@ -64,7 +64,7 @@ class KaSAConfig:
     )
     use_rslora: bool = field(default=False, metadata={"help": "scaling = lora_alpha / sqrt(r) (rsLoRA)."})
     base_mode: Literal["auto", "in_place", "non_destructive"] = field(
-        default="in_place",
+        default="auto",
         metadata={
             "help": "'in_place' overwrites W with W_trunc (the paper); 'non_destructive' keeps W bit-exact and "
             "subtracts the removed part R x in forward; 'auto' (default) is 'in_place' on fp32/fp64 bases and "

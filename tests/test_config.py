@@ -8,7 +8,7 @@ from kasa_trl import KaSAConfig, register_regularizer, unregister_regularizer
 def test_defaults_match_paper():
     cfg = KaSAConfig()
     assert cfg.regularizers == {"singular_value_l2": 1e-4, "orthogonality": 1e-3}
-    assert cfg.base_mode == "in_place" and cfg.truncation == "paper" and cfg.regularizer_reduction == "sum"
+    assert cfg.base_mode == "auto" and cfg.truncation == "paper" and cfg.regularizer_reduction == "sum"
     assert cfg.scaling == 2.0
     assert KaSAConfig(r=4, lora_alpha=8, use_rslora=True).scaling == 4.0
 
