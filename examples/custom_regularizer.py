@@ -25,7 +25,10 @@ from _common import (
     load_model_and_tokenizer,
     load_train_dataset,
     parse_args,
+    prepare_run,
     print_summary,
+    resume_arg,
+    save_embedded_base,
     shutdown_distributed,
 )
 from trl import SFTConfig
@@ -44,18 +47,7 @@ def update_frobenius(lora_A: torch.Tensor, lora_B: torch.Tensor, lora_diag: torc
     return (torch.outer(sigma, sigma) * (b.T @ b) * (a @ a.T)).sum()
 
 
-EMBEDDED_DEFAULTS = {
-    "max_steps": 60,
-    "per_device_train_batch_size": 8,
-    "learning_rate": 1e-2,
-    "lr_scheduler_type": "constant",
-    "logging_steps": 10,
-    "logging_first_step": True,
-    "max_length": 64,
-    "gradient_checkpointing": False,
-    "bf16": False,
-    "save_strategy": "no",
-}
+EMBEDDED_DEFAULTS = {"max_steps": 60}  # on top of _common.EMBEDDED_COMMON
 
 
 @dataclass
@@ -72,11 +64,17 @@ def check_against_dense(model: torch.nn.Module) -> None:
         torch.testing.assert_close(update_frobenius(a, b, sigma), dense)
 
 
+def parse_command_line(argv: list[str] | None = None) -> tuple[CustomRegularizerArguments, SFTConfig]:
+    """``(script_args, training_args)`` from ``argv`` (default: the command line)."""
+    return parse_args(CustomRegularizerArguments, SFTConfig, "custom_regularizer", EMBEDDED_DEFAULTS, argv)
+
+
 def main() -> None:
-    script_args, training_args = parse_args(
-        CustomRegularizerArguments, SFTConfig, "custom_regularizer", EMBEDDED_DEFAULTS
-    )
+    script_args, training_args = parse_command_line()
+    prepare_run(script_args, training_args)
     model, tokenizer = load_model_and_tokenizer(script_args)
+    if script_args.model_name_or_path is None:
+        save_embedded_base(model, tokenizer, training_args)
     trainer = KaSATrainer(
         model=model,
         args=training_args,
@@ -84,7 +82,7 @@ def main() -> None:
         processing_class=tokenizer,
         kasa_config=script_args.kasa_config(**{NAME: script_args.update_frobenius}),
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_arg(training_args))
     check_against_dense(trainer.model)
     trainer.save_model()
     print_summary(trainer, training_args.output_dir, f"kasa/{NAME}", "kasa/regularization")

@@ -4,12 +4,14 @@ The reference policy is the policy at step 0, the truncated base with the adapte
 with the trained model itself, adapters disabled, so there is no second model in memory and no second SVD.
 
 With no arguments it trains the embedded tiny Llama on the shipped preference pairs and saves the adapter to
-``outputs/dpo_llama``; the DPO loss starts at ln 2 (policy == reference) and goes down::
+``outputs/dpo_llama``. At step 0 the policy equals the reference, so the DPO term of the loss is ln 2 = 0.693;
+the logged ``loss`` adds the weighted regularizers (``kasa/regularization``), 0.81 = 0.693 + 0.12 at the first
+log here, and goes down::
 
     python examples/dpo_llama.py
     python examples/sft_llama.py && python examples/dpo_llama.py --sft_adapter outputs/sft_llama
     python examples/dpo_llama.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_path pairs.jsonl \\
-        --learning_rate 5e-5 --beta 0.1 --max_steps 500 --bf16 True
+        --learning_rate 5e-5 --beta 0.1 --max_steps 500 --bf16
 
 ``--dataset_path`` takes a JSON/JSONL file in TRL's preference format, one
 ``{"prompt": ..., "chosen": ..., "rejected": ...}`` per line (strings or conversations). Every ``DPOConfig`` /
@@ -26,7 +28,10 @@ from _common import (
     load_model_and_tokenizer,
     load_train_dataset,
     parse_args,
+    prepare_run,
     print_summary,
+    resume_arg,
+    save_embedded_base,
     shutdown_distributed,
 )
 from trl import DPOConfig
@@ -37,21 +42,8 @@ from kasa_trl.dpo_trainer import KaSADPOTrainer
 # The embedded run: about 20 s on a 2-core CPU. A tiny random base with a frozen LM head can only move its
 # log-probabilities a little, hence a large beta (and rank) for a visible trend: the logged loss goes from 0.81
 # at step 1 (ln 2 = 0.69, policy == reference, plus 0.12 of regularizer) to about 0.69 after 60 steps, and the
-# reward accuracy from 0 to about 0.6.
-EMBEDDED_DEFAULTS = {
-    "r": 16,
-    "beta": 1.0,
-    "max_steps": 60,
-    "per_device_train_batch_size": 8,
-    "learning_rate": 1e-2,
-    "lr_scheduler_type": "constant",
-    "logging_steps": 10,
-    "logging_first_step": True,
-    "max_length": 64,
-    "gradient_checkpointing": False,  # nothing to save on a 100k-parameter model
-    "bf16": False,  # CPU: fp32 is faster and exact
-    "save_strategy": "no",
-}
+# reward accuracy from 0 to about 0.6. On top of _common.EMBEDDED_COMMON.
+EMBEDDED_DEFAULTS = {"r": 16, "beta": 1.0, "max_steps": 60}
 
 
 @dataclass
@@ -65,11 +57,19 @@ class DPOScriptArguments(KaSAScriptArguments):
     )
 
 
+def parse_command_line(argv: list[str] | None = None) -> tuple[DPOScriptArguments, DPOConfig]:
+    """``(script_args, training_args)`` from ``argv`` (default: the command line)."""
+    return parse_args(DPOScriptArguments, DPOConfig, "dpo_llama", EMBEDDED_DEFAULTS, argv)
+
+
 def main() -> None:
-    script_args, training_args = parse_args(DPOScriptArguments, DPOConfig, "dpo_llama", EMBEDDED_DEFAULTS)
+    script_args, training_args = parse_command_line()
+    prepare_run(script_args, training_args)
     model, tokenizer = load_model_and_tokenizer(script_args)
     if script_args.sft_adapter is not None:
         merge_and_unload(load_kasa_adapter(model, script_args.sft_adapter))
+    if script_args.model_name_or_path is None:
+        save_embedded_base(model, tokenizer, training_args)  # after the SFT merge: the base DPO trains on
     trainer = KaSADPOTrainer(
         model=model,
         args=training_args,
@@ -77,7 +77,7 @@ def main() -> None:
         processing_class=tokenizer,
         kasa_config=script_args.kasa_config(),
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_arg(training_args))
     trainer.save_model()
     print_summary(trainer, training_args.output_dir, "rewards/accuracies", "rewards/margins")
     shutdown_distributed()

@@ -5,13 +5,15 @@ minute, and saves the adapter to ``outputs/sft_llama``::
 
     python examples/sft_llama.py
     python examples/sft_llama.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_path chats.jsonl \\
-        --r 16 --target_modules q_proj k_proj v_proj o_proj --learning_rate 2e-4 --max_steps 500 --bf16 True
-    deepspeed examples/sft_llama.py --deepspeed deepspeed_configs/zero3.json   # also on a CPU-only machine
+        --r 16 --target_modules q_proj k_proj v_proj o_proj --learning_rate 2e-4 --max_steps 500 --bf16
+    deepspeed examples/sft_llama.py   # ZeRO-3 (deepspeed_configs/zero3.json) by default; also on a CPU
 
 ``--dataset_path`` takes a JSON/JSONL file in any format ``SFTTrainer`` accepts, e.g. one
 ``{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}`` per line. Every
-``SFTConfig`` / ``TrainingArguments`` flag works; ``--help`` lists them. Load the adapter back with
-``kasa_trl.load_kasa_adapter(base_model, "outputs/sft_llama")``.
+``SFTConfig`` / ``TrainingArguments`` flag works, boolean ones bare (``--bf16``); ``--help`` lists them. The
+embedded run also saves its base model as ``outputs/sft_llama/base`` (the adapter records it): load the adapter
+back with ``kasa_trl.load_kasa_adapter(base_model, "outputs/sft_llama")``, or merge it with
+``kasa-trl merge outputs/sft_llama merged/``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from _common import (
     load_model_and_tokenizer,
     load_train_dataset,
     parse_args,
+    prepare_run,
     print_summary,
+    resume_arg,
+    save_embedded_base,
     shutdown_distributed,
 )
 from trl import SFTConfig
@@ -31,23 +36,21 @@ from kasa_trl.trainer import KaSATrainer
 
 # The embedded run: about 20 s on a 2-core CPU. The tiny base is random with a frozen LM head, which bounds how
 # far the loss can fall (from 5.4 at step 1 to about 4.5) while the token accuracy climbs from 0 to about 0.7.
-EMBEDDED_DEFAULTS = {
-    "max_steps": 100,
-    "per_device_train_batch_size": 8,
-    "learning_rate": 1e-2,
-    "lr_scheduler_type": "constant",
-    "logging_steps": 10,
-    "logging_first_step": True,
-    "max_length": 64,
-    "gradient_checkpointing": False,  # nothing to save on a 100k-parameter model
-    "bf16": False,  # CPU: fp32 is faster and exact
-    "save_strategy": "no",
-}
+# On top of _common.EMBEDDED_COMMON.
+EMBEDDED_DEFAULTS = {"max_steps": 100}
+
+
+def parse_command_line(argv: list[str] | None = None) -> tuple[KaSAScriptArguments, SFTConfig]:
+    """``(script_args, training_args)`` from ``argv`` (default: the command line)."""
+    return parse_args(KaSAScriptArguments, SFTConfig, "sft_llama", EMBEDDED_DEFAULTS, argv)
 
 
 def main() -> None:
-    script_args, training_args = parse_args(KaSAScriptArguments, SFTConfig, "sft_llama", EMBEDDED_DEFAULTS)
+    script_args, training_args = parse_command_line()
+    prepare_run(script_args, training_args)
     model, tokenizer = load_model_and_tokenizer(script_args)
+    if script_args.model_name_or_path is None:
+        save_embedded_base(model, tokenizer, training_args)
     trainer = KaSATrainer(
         model=model,
         args=training_args,
@@ -56,7 +59,7 @@ def main() -> None:
         kasa_config=script_args.kasa_config(),
         callbacks=[SpectrumCallback()],
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_arg(training_args))
     trainer.save_model()
     print_summary(trainer, training_args.output_dir, "mean_token_accuracy", "kasa/regularization")
     shutdown_distributed()

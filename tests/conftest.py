@@ -1,3 +1,7 @@
+import os
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -7,6 +11,12 @@ VOCAB = 97
 
 # The tests run tiny models: a second thread only adds synchronization (and contention on a shared 2-core box).
 torch.set_num_threads(1)
+
+# DeepSpeed compiles its CPU op on first use under torch's extensions folder. The tests (and every process they
+# start) build it inside the virtual environment instead of the user's ~/.cache/torch_extensions, which other
+# environments share: a build killed there leaves a lock that makes every later DeepSpeed run wait forever.
+if sys.prefix != sys.base_prefix:
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
 
 
 @pytest.fixture
