@@ -30,7 +30,7 @@ from trl.trainer.utils import get_config_model_id
 
 from .config import KaSAConfig
 from .layer import KaSALinear
-from .model import kasa_adapters_disabled
+from .model import kasa_adapters_disabled, kasa_layers, unload
 from .trainer import KaSATrainerMixin
 
 _PREFERENCE_COLUMNS = ("chosen", "rejected")
@@ -142,6 +142,11 @@ class KaSADPOTrainer(KaSATrainerMixin, DPOTrainer):
                 "adapters disabled (the truncated base, the policy at step 0), fixed by construction; set "
                 "sync_ref_model=False"
             )
+        if ref_model is not None and ref_model is model and not isinstance(model, str):
+            raise ValueError(
+                "model and ref_model are the same object; omit ref_model: KaSADPOTrainer's reference is the policy "
+                "with its KaSA adapters disabled (the policy at step 0)"
+            )
         _check_preference_columns(train_dataset, "train_dataset")
         _check_preference_columns(eval_dataset, "eval_dataset")
 
@@ -159,17 +164,18 @@ class KaSADPOTrainer(KaSATrainerMixin, DPOTrainer):
             args.model_init_kwargs = None  # consumed above; TRL would warn that they are ignored
         # Seeds the adapter's random init (A, sigma), as TRL seeds before creating PEFT adapters.
         set_seed(args.seed)
+        adapted_here = not kasa_layers(model)
+        requires_grad = [(param, param.requires_grad) for param in model.parameters()]
         config = self._kasa_adapt(model, config)
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if isinstance(head, KaSALinear):
-            raise ValueError(
-                "a KaSA adapter on the LM head is not supported by DPO: TRL computes the log-probabilities from "
-                "lm_head.weight directly, so the adapter would be bypassed. Remove the head from target_modules"
-            )
-
         self._kasa_reference_is_policy = ref_model is None
         reference_loading = _no_reference_model_loading() if ref_model is None else contextlib.nullcontext()
         try:
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            if isinstance(head, KaSALinear):
+                raise ValueError(
+                    "a KaSA adapter on the LM head is not supported by DPO: TRL computes the log-probabilities from "
+                    "lm_head.weight directly, so the adapter would be bypassed. Remove the head from target_modules"
+                )
             with reference_loading:
                 super().__init__(
                     model=model,
@@ -184,6 +190,12 @@ class KaSADPOTrainer(KaSATrainerMixin, DPOTrainer):
                     optimizers=optimizers,
                     quantization_config=quantization_config,
                 )
+        except BaseException:
+            if adapted_here:  # the caller's model as it was (unload: see its docstring for in-place rounding)
+                unload(model)
+                for param, flag in requires_grad:
+                    param.requires_grad_(flag)
+            raise
         finally:
             args.model_init_kwargs = model_init_kwargs
         self._kasa_setup(config)

@@ -43,17 +43,10 @@ def kasa_config_from_peft(peft_config: Any) -> KaSAConfig:
             f"{type(peft_config).__name__}{' without kasa_config' if hasattr(peft_config, 'kasa_config') else ''}; "
             "pass kasa_config=KaSAConfig(...) instead"
         )
-    targets = peft_config.target_modules
-    targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else (targets or "all-linear")
-    return KaSAConfig(
-        r=peft_config.r,
-        lora_alpha=peft_config.lora_alpha,
-        lora_dropout=peft_config.lora_dropout,
-        target_modules=targets,
-        exclude_modules=peft_config.exclude_modules,
-        use_rslora=peft_config.use_rslora,
-        regularizers={"singular_value_l2": kasa.beta, "orthogonality": kasa.gamma},
-    )
+    # The one mapping of LoraConfig fields (each honoured or refused by name) lives in peft_compat.
+    from .peft_compat import kasa_config_from_lora
+
+    return kasa_config_from_lora(peft_config, where="peft_config", new_adapter=True)
 
 
 class KaSATrainerMixin:
@@ -76,8 +69,8 @@ class KaSATrainerMixin:
         """Apply KaSA to ``model`` unless it already carries KaSA layers; return the config it is adapted with.
 
         A model that carries KaSA layers keeps them: ``kasa_config`` must then describe them (every field but the
-        regularizers, which only shape training, and a requested ``base_mode="auto"`` matches either mode); its
-        regularizers replace the model's.
+        regularizers, which only shape training, and a requested ``base_mode="auto"`` matches either mode); the
+        trainer trains with its regularizers (and saves them with the adapter); ``model.kasa_config`` is left as is.
         """
         _check_no_peft_layers(model)
         if kasa_layers(model):
@@ -96,13 +89,11 @@ class KaSATrainerMixin:
                     "from an untouched base model (without kasa_config the model's adapter is trained as it is). "
                     f"Differences: {format_differences(differences, ('kasa_config', 'model'))}"
                 )
-            config = dataclasses.replace(
+            return dataclasses.replace(
                 existing,
                 regularizers=kasa_config.regularizers,
                 regularizer_reduction=kasa_config.regularizer_reduction,
             )
-            model.kasa_config = config
-            return config
         apply_kasa(model, kasa_config if kasa_config is not None else KaSAConfig())
         # The model's copy: apply_kasa records the base_mode "auto" stood for.
         return get_kasa_config(model)

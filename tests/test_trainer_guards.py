@@ -243,7 +243,9 @@ def test_preadapted_model_takes_requested_regularizers_and_auto_matches(tmp_path
         kasa=KaSAConfig(r=4, base_mode="auto", regularizers=wanted),
     )
     assert trainer.kasa_config.regularizers == wanted and trainer.kasa_config.base_mode == "non_destructive"
-    assert get_kasa_config(trainer.model) == trainer.kasa_config
+    assert (
+        get_kasa_config(trainer.model).regularizers == KaSAConfig().regularizers
+    )  # the model's own, untouched
     assert trainer._kasa_session.weights == wanted
     with pytest.raises(
         ValueError, match=r"Differences: base_mode: 'in_place' \(kasa_config\) vs 'non_destructive'"
@@ -438,3 +440,55 @@ def test_dpo_refuses_a_frozen_adapter_and_a_mismatched_checkpoint(
     ):
         trainer.train(resume_from_checkpoint=str(checkpoint))
     assert_unchanged(trainer.model, before)
+
+
+def _dpo_args(out: Path) -> DPOConfig:
+    return DPOConfig(
+        output_dir=str(out), use_cpu=True, report_to="none", max_length=64, bf16=False, max_steps=1
+    )
+
+
+@pytest.mark.parametrize("base_mode", ["non_destructive", "in_place"])
+def test_dpo_refusal_after_adapting_gives_the_model_back_as_it_was(tmp_path, tokenizer, base_mode):
+    """KaSA goes on before TRL's constructor; a refusal from there on (here: the LM head targeted) takes it off
+    again, trainable flags included: bit-exact in non_destructive mode, within one rounding in place."""
+    model = build_tiny_llama(len(tokenizer), seed=0)
+    model.model.norm.weight.requires_grad_(False)
+    before = state(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"a KaSA adapter on the LM head is not supported by DPO"):
+        KaSADPOTrainer(
+            model=model,
+            args=_dpo_args(tmp_path / "out"),
+            train_dataset=load_tiny_dataset("dpo").select(range(8)),
+            processing_class=tokenizer,
+            kasa_config=KaSAConfig(r=2, target_modules=["q_proj", "lm_head"], base_mode=base_mode),
+        )
+    assert not kasa_layers(model) and "kasa_config" not in vars(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        if base_mode == "non_destructive":
+            assert torch.equal(after[key], value), key
+        else:
+            torch.testing.assert_close(after[key], value, rtol=2**-23, atol=1e-7, msg=key)
+
+
+def test_dpo_refuses_the_policy_as_its_own_reference(tmp_path, tokenizer):
+    model = build_tiny_llama(len(tokenizer), seed=0)
+    before = state(model)
+    with pytest.raises(
+        ValueError,
+        match=r"model and ref_model are the same object; omit ref_model: KaSADPOTrainer's reference is the policy "
+        r"with its KaSA adapters disabled",
+    ):
+        KaSADPOTrainer(
+            model=model,
+            ref_model=model,
+            args=_dpo_args(tmp_path / "out"),
+            train_dataset=load_tiny_dataset("dpo").select(range(8)),
+            processing_class=tokenizer,
+        )
+    assert_unchanged(model, before)
+    assert not kasa_layers(model)
