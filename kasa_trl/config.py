@@ -261,6 +261,11 @@ def _check_targets(name: str, value: object) -> list[str] | str:
         return str(value)
     if isinstance(value, (list, tuple, set)) and value and all(isinstance(v, str) and v for v in value):
         for entry in value:
+            if entry == "all-linear":
+                raise ValueError(
+                    f"{name} holds 'all-linear' in a list, where it would be read as a module name; pass "
+                    f"{name}='all-linear' as a string"
+                )
             if _REGEX_ONLY.search(entry):
                 raise ValueError(
                     f"{name} entry {entry!r} is not a module name: list entries are names matched as themselves or "

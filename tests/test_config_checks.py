@@ -58,6 +58,11 @@ BAD_FIELDS = {
         r"target_modules entry '\.\*v_proj' is not a module name: list entries are names matched as themselves or a "
         r"'\.'-suffix; pass a single string to match a regular expression, e\.g\. target_modules='\.\*v_proj'",
     ),
+    "all-linear-in-a-list": (
+        {"target_modules": ["all-linear"]},
+        r"target_modules holds 'all-linear' in a list, where it would be read as a module name; pass "
+        r"target_modules='all-linear' as a string",
+    ),
     "targets-not-strings": ({"target_modules": ["q_proj", 3]}, r"target_modules must be a non-empty list"),
     "targets-none": ({"target_modules": None}, r"target_modules must be a non-empty list"),
     "exclude-empty-list": ({"exclude_modules": []}, r"exclude_modules must be a non-empty list"),
