@@ -102,12 +102,22 @@ class LowestEigh:
         """(m,) the m smallest eigenvalues, ascending (bisection on T: O(k m), not all k of them)."""
         if self.backend == "torch":
             return self._eigvals[:m]
-        return _lapack.stebz(self._d, self._e, 0, m - 1)
+        return self._eigenvalues(0, m - 1)
 
     def largest(self) -> float:
         if self.backend == "torch":
             return float(self._eigvals[-1])
-        return float(_lapack.stebz(self._d, self._e, self.k - 1, self.k - 1)[0])
+        return float(self._eigenvalues(self.k - 1, self.k - 1)[0])
+
+    def _eigenvalues(self, first: int, last: int) -> torch.Tensor:
+        """Eigenvalues ``first..last`` of T by bisection; by MRRR where bisection gives up. dstebz selecting by index
+        can fail on eigenvalues repeated across the blocks T splits into (info 2 on an orthogonal weight with a few
+        zero singular values: its Sturm counts are not monotonic in floating point); dstemr computes them anyway,
+        at the cost of their vectors (O(k) each)."""
+        try:
+            return _lapack.stebz(self._d, self._e, first, last)
+        except RuntimeError:
+            return _lapack.stemr(self._d, self._e, index=(first, last))[0]
 
     def vectors(self, m: int) -> torch.Tensor:
         """(k, m) orthonormal eigenvectors of the ``m`` smallest eigenvalues, ascending."""

@@ -24,6 +24,8 @@ measured by ``examples/benchmarks/decomposition_methods.py``.
 from __future__ import annotations
 
 import contextlib
+import math
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,11 +37,13 @@ from . import _symeig
 DECOMPOSITION_METHODS = ("auto", "svd", "gram_eigh", "gram_deflated")
 
 _AUTO_METHOD = "gram_deflated"
-# A level's predicted error of R is eps * lambda_max / (lambda_{n+1} - lambda_n): the Gram's rounding and the
-# eigensolver's (both ~eps * lambda_max) turn the n-th eigenvector by that angle. It overestimates the measured
-# error ~40x (1024x2816 geometric tails, cond 1e4 and 1e6), so this target keeps R within ~1e-9 of float64 SVD.
+# What auto (gram_deflated) promises: ||R - R_svd||_F <= _TARGET_ERROR ||R||_F as predicted from the eigenvalues at
+# the cut (``_predicted_error``, which overestimates the measured error 10-40x); a float64 SVD where it cannot.
 _TARGET_ERROR = 1e-8
-# Kept directions reach at least 4x lambda_n: a clear gap between what the next level sees and the cut.
+# gram_eigh keeps its Gram's vectors whatever their predicted error; beyond this one it warns.
+_GRAM_EIGH_WARNING = 1e-3
+# Largest entries outside this range are scaled by a power of two first: the Gram squares them.
+_SAFE_RANGE = (2.0**-300, 2.0**300)
 _DEFLATION_MARGIN = 4.0
 _NON_FINITE = "weight has non-finite entries (nan or inf); check the checkpoint before truncating it"
 # minor_components_many's default cap on threads (a memory cap applies too).
@@ -156,16 +160,50 @@ def _minor_components(
         empty = weight.new_zeros
         return empty(out_features, 0, dtype=dtype), empty(0, in_features, dtype=dtype)
     w = weight.detach().to(torch.float64)
+    exponent = _scale_exponent(w)
+    if exponent:  # a power of two: exact, and undone exactly on the singular values below
+        w = _times_power_of_two(w, -exponent)
     transposed = out_features > in_features
     a = w.T if transposed else w  # (m, p), m <= p: the Gram A A^T is the smaller one
     method = _AUTO_METHOD if method == "auto" else method
     if method == "svd":
         u, s, vh = _minor_svd(a, n)
     else:
-        u, s, vh = _minor_gram(a, n, 1 if method == "gram_eigh" else _MAX_LEVELS, cpu_threads)
+        u, s, vh, error = _minor_gram(a, n, 1 if method == "gram_eigh" else _MAX_LEVELS, cpu_threads)
+        if error > _GRAM_EIGH_WARNING:  # only gram_eigh returns such a result
+            _warn_gram_eigh_inexact(weight.shape, n, error)
+    if exponent:
+        s = _times_power_of_two(s, exponent)
     if transposed:  # R = (u s vh)^T = vh^T s u^T
         u, vh = vh.T, u.T
-    return (u * s).to(dtype), vh.to(dtype)
+    left = (u * s).to(dtype)
+    if not torch.isfinite(left).all():
+        raise ValueError(
+            f"the removed singular values of this {out_features}x{in_features} weight reach {float(s[0]):.3g}, "
+            f"beyond the range of {dtype} ({torch.finfo(dtype).max:.3g}); scale the weight down (or keep it in "
+            "float64) before truncating it"
+        )
+    return left, vh.to(dtype)
+
+
+def _scale_exponent(w: torch.Tensor) -> int:
+    """``e`` such that ``w * 2**-e`` has its largest entry in [0.5, 1), or 0 where ``w``'s range is safe as it is.
+
+    The Gram squares the entries: beyond ~2^300 (or below 2^-300) it would overflow (underflow) on long rows.
+    Raises ValueError on a non-finite entry (one pass over ``w``; the max propagates NaN).
+    """
+    largest = float(torch.linalg.vector_norm(w, float("inf")))
+    if not math.isfinite(largest):
+        raise ValueError(_NON_FINITE)
+    if largest == 0.0 or _SAFE_RANGE[0] <= largest <= _SAFE_RANGE[1]:
+        return 0
+    return math.frexp(largest)[1]
+
+
+def _times_power_of_two(t: torch.Tensor, exponent: int) -> torch.Tensor:
+    """``t * 2**exponent`` in two exact steps (``2**1074`` alone is not a float64)."""
+    half = exponent // 2
+    return t * math.ldexp(1.0, half) * math.ldexp(1.0, exponent - half)
 
 
 def truncate(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -314,44 +352,62 @@ def _check_minor_args(weight: torch.Tensor, n: int, method: str) -> None:
         raise ValueError(
             f"n={n} must be in [0, min(out, in)={k}] for a weight of shape {tuple(weight.shape)}"
         )
-    # The Gram methods find a non-finite entry in the Gram's diagonal (O(k) instead of a pass over the weight).
-    if (n == 0 or method == "svd") and not torch.isfinite(weight).all():
+    # Otherwise the decomposition finds a non-finite entry in its pass for the scale (_scale_exponent).
+    if n == 0 and not torch.isfinite(weight).all():
         raise ValueError(_NON_FINITE)
 
 
 def _minor_svd(a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The n smallest triplets of ``a`` (m, p) from a full float64 SVD: (u (m, n), s (n,), vh (n, p))."""
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    """The n smallest triplets of ``a`` (m, p), m <= p, from a full float64 SVD: (u (m, n), s (n,), vh (n, p)).
+
+    The SVD is taken of the tall ``a^T`` (``a^T = V S U^T``): LAPACK reduces a tall matrix by QR first, where torch's
+    path for a wide one took 7x longer (1024x2816, CPU).
+    """
+    v, s, uh = torch.linalg.svd(a.T, full_matrices=False)  # (p, m), (m,), (m, m)
     k = s.shape[0]
-    return u[:, k - n :], s[k - n :], vh[k - n :]
+    return uh[k - n :].T, s[k - n :], v[:, k - n :].T
 
 
 def _minor_gram(
     a: torch.Tensor, n: int, max_levels: int, cpu_threads: int | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The n smallest triplets of ``a`` (m, p), m <= p, from Gram eigenproblems, deflating up to ``max_levels`` times.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """The n smallest triplets of ``a`` (m, p), m <= p, from Gram eigenproblems, deflating up to ``max_levels`` times
+    (``max_levels == 1``: ``gram_eigh``, which never falls back).
 
     ``basis`` (m, j) spans the directions still in play; ``b = basis^T a`` (j, p) is ``a`` seen in them. Each level
     drops the dominant directions whose rounding would swamp the small ones, so the next Gram is better conditioned.
+    Where no level can meet ``_TARGET_ERROR``, the last ``b`` is decomposed by a float64 SVD instead (outside the
+    LAPACK thread setting: torch's SVD uses torch's threads).
+
+    Returns:
+        (u (m, n), s (n,), vh (n, p), error): ``error`` is the predicted relative error of ``R`` where it comes
+        from a Gram's eigenvectors (see ``_predicted_error``; for gram_eigh also bounded by that of the removed
+        spectrum, ``_spectrum_error``), 0 where it comes from the SVD.
     """
     backend = _symeig.backend_for(a)
     threads = contextlib.nullcontext() if cpu_threads is None else _symeig.cpu_threads(backend, cpu_threads)
     with threads:
-        return _minor_gram_levels(a, n, max_levels, backend)
+        basis, b, found, error = _minor_gram_levels(a, n, max_levels, backend)
+    u, s, vh = found if found is not None else _minor_svd(b, n)
+    return (u if basis is None else basis @ u), s, vh, error
 
 
 def _minor_gram_levels(
     a: torch.Tensor, n: int, max_levels: int, backend: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor | None, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, float]:
+    """(basis, b, (u, s, vh) in ``b``'s coordinates, error), or (basis, b, None, 0.0) when ``b`` needs the SVD."""
     basis, b = None, a
     for level in range(1, max_levels + 1):
-        g = _symeig.gram(b, backend)
-        if level == 1 and not torch.isfinite(g.diagonal()).all():  # a non-finite entry poisons its row's norm
-            raise ValueError(_NON_FINITE)
-        eig = _symeig.LowestEigh(g, backend)
+        eig = _symeig.LowestEigh(_symeig.gram(b, backend), backend)
+        error = _predicted_error(eig, n)
+        if error <= _TARGET_ERROR:
+            break
+        if max_levels == 1:  # gram_eigh: knowingly inexact (its caller warns where it is far off)
+            error = min(error, _spectrum_error(eig, n))
+            break
         bound = _deflation_bound(eig, n) if level < max_levels else None
         if bound is None:
-            break
+            return basis, b, None, 0.0
         q = eig.vectors_at_most(bound)  # (j, keep), keep >= n since lambda_n <= bound
         basis = q if basis is None else basis @ q
         b = q.T @ b
@@ -359,24 +415,66 @@ def _minor_gram_levels(
     # Projection, not division by singular values: exact even when they are ~0. The small SVD makes the
     # factors canonical (orthogonal columns, orthonormal rows, descending).
     rot, s, vh = torch.linalg.svd(q_n.T @ b, full_matrices=False)  # (n, p) = rot diag(s) vh
-    u = q_n @ rot if basis is None else basis @ (q_n @ rot)
-    return u, s, vh
+    return basis, b, (q_n @ rot, s, vh), error
+
+
+def _eigenvalues_at_cut(eig: _symeig.LowestEigh, n: int) -> tuple[float, float, float]:
+    """(lambda_n, lambda_{n+1}, lambda_max), clipped at 0 (rounding can make a ~0 eigenvalue negative)."""
+    lam_n, lam_next = (max(float(v), 0.0) for v in eig.smallest(n + 1)[-2:])
+    return lam_n, lam_next, max(eig.largest(), 0.0)
+
+
+def _predicted_error(eig: _symeig.LowestEigh, n: int) -> float:
+    """Predicted ``||R - R_svd||_F / ||R||_F`` of this level's eigenvectors (see ``_TARGET_ERROR``).
+
+    The Gram's rounding (``eps * lambda_max``) turns the n-th eigenvector by ``eps * lambda_max / (lambda_{n+1} -
+    lambda_n)`` towards the next one, whose singular value ``sqrt(lambda_{n+1})`` then leaks into R: relative to
+    R's scale ``sqrt(lambda_n)``, that angle times ``sqrt(lambda_{n+1} / lambda_n)``. Infinite when lambda_n is 0
+    (R is ~0: any leak is infinitely large relative to it) or the cut has no gap.
+    """
+    if n == eig.k:  # everything is removed: R = A, nothing to mix the removed directions with
+        return 0.0
+    lam_n, lam_next, lam_max = _eigenvalues_at_cut(eig, n)
+    if lam_max == 0.0:  # a zero weight: R = 0 exactly
+        return 0.0
+    if lam_n == 0.0 or lam_next <= lam_n:
+        return math.inf
+    eps = torch.finfo(torch.float64).eps
+    return eps * lam_max * math.sqrt(lam_next / lam_n) / (lam_next - lam_n)
+
+
+def _spectrum_error(eig: _symeig.LowestEigh, n: int) -> float:
+    """Predicted relative error of the removed singular values (squared), ``eps * lambda_max / lambda_n``. It holds
+    whatever the gap: where the cut has none, R is not unique and only the spectrum is at stake."""
+    lam_n, _, lam_max = _eigenvalues_at_cut(eig, n)
+    if lam_max == 0.0:
+        return 0.0
+    return math.inf if lam_n == 0.0 else torch.finfo(torch.float64).eps * lam_max / lam_n
+
+
+def _warn_gram_eigh_inexact(shape: torch.Size, n: int, error: float) -> None:
+    off = f"up to {error:.1g} of its norm" if error < 1 else "more than its own norm"
+    warnings.warn(
+        f"decomposition_method='gram_eigh': the {n} smallest singular values of this {shape[0]}x{shape[1]} weight "
+        f"are below what its Gram matrix resolves in float64: the removed part R may be off by {off} (harmless "
+        "only where they are ~0, an exactly rank-deficient weight). Use decomposition_method='auto' (accurate: it "
+        "falls back to an SVD where the Gram cannot resolve them) or 'svd'",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 def _deflation_bound(eig: _symeig.LowestEigh, n: int) -> float | None:
-    """Keep the eigenvalues <= the returned bound for another level, or None when this level is accurate enough.
+    """Keep the eigenvalues <= the returned bound for another level, or None when no level can sharpen this one.
 
     Dropping the directions above ``bound`` costs R about ``eps * lambda_max / sqrt(bound * lambda_n)`` (their share
     in the true minor vectors, weighted by their singular values); the bound is the smallest that keeps this under
     the target, and at least ``_DEFLATION_MARGIN * lambda_n``.
     """
-    if n == eig.k:  # everything is removed: nothing to mix the removed directions with
+    if n == eig.k:
         return None
-    lam_n, lam_next = (max(float(v), 0.0) for v in eig.smallest(n + 1)[-2:])
-    lam_max = max(eig.largest(), 0.0)
+    lam_n, _, lam_max = _eigenvalues_at_cut(eig, n)
     eps = torch.finfo(torch.float64).eps
-    if eps * lam_max <= _TARGET_ERROR * (lam_next - lam_n):
-        return None
     floor = max(lam_n, eps * lam_max)  # lambda_n is only known to ~eps * lambda_max
     bound = max(_DEFLATION_MARGIN * floor, (eps * lam_max / _TARGET_ERROR) ** 2 / floor)
     # A level that would not shrink lambda_max by the margin cannot sharpen the next one: stop.
