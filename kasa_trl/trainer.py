@@ -241,6 +241,19 @@ class KaSATrainerMixin:
                 "them (param.requires_grad_(False)); kasa_trl.apply_kasa and load_kasa_adapter leave only the "
                 "adapter trainable"
             )
+        if (
+            self.optimizer is not None
+        ):  # given by the caller (optimizers=(optimizer, scheduler)) or a former train()
+            held = {id(param) for group in self.optimizer.param_groups for param in group["params"]}
+            missing = [name for name in trainable if id(adapter[name]) not in held]
+            if missing:
+                raise ValueError(
+                    f"the optimizer does not hold {len(missing)} of the {len(trainable)} trainable KaSA parameters "
+                    f"({_some(missing)}), so they would never be updated. An optimizer built from the base model "
+                    "before the trainer applied KaSA holds the old, now frozen, weights: build it from the adapted "
+                    "model (kasa_trl.apply_kasa(model, config) first, then pass the model), or let the trainer "
+                    "create it (optimizers=(None, None), optim=... in the training arguments)"
+                )
         if len(trainable) < len(adapter):
             frozen = [name for name in adapter if name not in trainable]
             logger.warning(

@@ -181,6 +181,38 @@ def test_trainable_parameters_outside_the_adapter_are_refused(tmp_path, tokenize
     )
 
 
+def test_optimizer_built_before_kasa_is_refused(tmp_path, tokenizer, dataset):
+    model = build_tiny_llama(len(tokenizer), seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)  # the base's weights: KaSA is not on yet
+    trainer = KaSATrainer(
+        model=model,
+        args=sft_args(tmp_path / "out"),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        kasa_config=KaSAConfig(**CONFIG),
+        optimizers=(optimizer, None),
+    )
+    refuses_to_train(
+        trainer,
+        tmp_path / "out",
+        ValueError,
+        r"the optimizer does not hold 42 of the 42 trainable KaSA parameters \(model\.layers\.0\.self_attn\.q_proj"
+        r"\.lora_A, .* and 39 more\), so they would never be updated\. An optimizer built from the base model before "
+        r"the trainer applied KaSA",
+    )
+    adapted = apply_kasa(build_tiny_llama(len(tokenizer), seed=0), KaSAConfig(**CONFIG))
+    optimizer = torch.optim.SGD([p for p in adapted.parameters() if p.requires_grad], lr=0.05)
+    trainer = KaSATrainer(
+        model=adapted,
+        args=sft_args(tmp_path / "ok", max_steps=1),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        optimizers=(optimizer, None),
+    )
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
 def test_partly_frozen_adapter_trains_with_a_warning(tmp_path, tokenizer, dataset, caplog):
     trainer = make_trainer(tmp_path / "out", tokenizer, dataset, kasa=KaSAConfig(**CONFIG), max_steps=1)
     for layer in kasa_layers(trainer.model).values():
