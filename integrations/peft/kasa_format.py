@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from kasa_trl.adapter_io import ADAPTER_FILE
-from kasa_trl.config import KaSAConfig
 from kasa_trl.model import apply_kasa, base_weight, kasa_layers
+from kasa_trl.peft_compat import BETA_REGULARIZER, GAMMA_REGULARIZER, kasa_config_from_lora
 
 from ._peft_format import (
     CONFIG_NAME,
@@ -35,10 +35,6 @@ from ._peft_format import (
 )
 from ._source import read_kasa_source, source_inputs
 from .atomic import atomic_output_dir, check_output_dir
-
-# kasa_trl regularizer names for PEFT's KasaConfig coefficients (both use the paper's sum over layers).
-BETA_REGULARIZER = "singular_value_l2"
-GAMMA_REGULARIZER = "orthogonality"
 
 
 def import_peft_kasa(
@@ -59,9 +55,8 @@ def import_peft_kasa(
         base_mode: kasa_trl's ``base_mode`` for the new layers.
         decomposition_method: kasa_trl's ``decomposition_method`` for the truncation.
 
-    The config maps ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora`` and the adapted modules;
-    ``KasaConfig(beta, gamma)`` becomes ``regularizers={"singular_value_l2": beta, "orthogonality": gamma}``
-    with the ``sum`` reduction, as in PEFT's ``_get_kasa_loss``.
+    The config is mapped by ``kasa_trl.peft_compat.kasa_config_from_lora`` (every LoraConfig option honoured or
+    refused by name); the targets are exactly the modules the adapter holds factors for.
     """
     if model is peft_adapter or getattr(getattr(peft_adapter, "base_model", None), "model", None) is model:
         raise ValueError(
@@ -73,26 +68,18 @@ def import_peft_kasa(
         )
     if kasa_layers(model):
         raise ValueError("model already carries KaSA layers; import onto a fresh base model")
-    peft_config, state = _read_peft_kasa(peft_adapter, adapter_name)
-    layers = _group_layers(state, r=peft_config["r"])
+    peft_config, state, where = _read_peft_kasa(peft_adapter, adapter_name)
+    config = kasa_config_from_lora(
+        peft_config,
+        where=where,
+        new_adapter=False,  # PEFT's saved factors replace the initial ones
+        target_modules=_adapted_modules(state),  # exactly the modules the saved adapter holds
+        base_mode=base_mode,
+        decomposition_method=decomposition_method,
+    )
+    layers = _group_layers(state, r=config.r)
     for name, tensors in layers.items():
         _check_target(model, name, tensors)
-    kasa = peft_config["kasa_config"]
-    config = KaSAConfig(
-        r=peft_config["r"],
-        lora_alpha=peft_config["lora_alpha"],
-        lora_dropout=float(peft_config.get("lora_dropout") or 0.0),
-        target_modules=sorted(layers),
-        use_rslora=bool(peft_config.get("use_rslora", False)),
-        base_mode=base_mode,
-        truncation="paper",
-        decomposition_method=decomposition_method,
-        regularizers={
-            BETA_REGULARIZER: float(kasa.get("beta", 1e-4)),
-            GAMMA_REGULARIZER: float(kasa.get("gamma", 1e-3)),
-        },
-        regularizer_reduction="sum",
-    )
     apply_kasa(model, config)
     with torch.no_grad():
         for name, layer in kasa_layers(model).items():
@@ -173,34 +160,29 @@ def export_peft_kasa(
 
 def _read_peft_kasa(
     source: str | os.PathLike | nn.Module, adapter_name: str | None
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The adapter config (a dict) and the state dict (PEFT's saved keys) of a PEFT KaSA adapter."""
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+    """The adapter config (a dict), the state dict (PEFT's saved keys) of a PEFT KaSA adapter, and its name."""
     if isinstance(source, nn.Module):
         config, state = _from_peft_model(source, adapter_name)
         where = f"PeftModel adapter {adapter_name or 'active'}"
     else:
         config, state = _from_directory(Path(source))
-        where = str(source)
+        where = str(Path(source) / CONFIG_NAME)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{where} is a {config.get('peft_type')} adapter, not a LoRA/KaSA one")
-    if not config.get("kasa_config"):
+    if config.get("kasa_config") is None:
         raise ValueError(
             f"{where} is a plain LoRA adapter (no kasa_config); load it with peft.PeftModel.from_pretrained instead"
         )
-    unsupported = {
-        "rank_pattern": "per-module ranks",
-        "alpha_pattern": "per-module alphas",
-        "modules_to_save": "fully trained modules",
-        "use_dora": "DoRA",
-        "lora_bias": "LoRA biases",
-        "layer_replication": "layer replication",
-    }
-    for key, what in unsupported.items():
-        if config.get(key):
-            raise ValueError(
-                f"{where} uses {what} ({key}={config[key]!r}), which kasa_trl's KaSA layers do not support"
-            )
-    return config, state
+    return config, state, where
+
+
+def _adapted_modules(state: dict[str, torch.Tensor]) -> list[str]:
+    """The modules a PEFT adapter's state dict holds factors for (checked in detail by ``_group_layers``)."""
+    modules = sorted({parts[0] for parts in map(split_key, state) if parts is not None})
+    if not modules:
+        raise ValueError("the PEFT adapter holds no LoRA tensors")
+    return modules
 
 
 def _from_directory(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -263,6 +245,15 @@ def _group_layers(state: dict[str, torch.Tensor], *, r: int) -> dict[str, dict[s
         missing = sorted({"lora_A", "lora_B", "lora_diag"} - set(tensors))
         if missing:
             raise ValueError(f"the PEFT adapter lacks {missing} for {module}; is it a KaSA adapter?")
+        for key, tensor in tensors.items():
+            if not tensor.is_floating_point():
+                raise ValueError(
+                    f"the PEFT adapter's {module}.{key} is {tensor.dtype}, not a floating-point tensor"
+                )
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(
+                    f"the PEFT adapter's {module}.{key} holds NaN or Inf values; it cannot be imported"
+                )
         if (
             tensors["lora_A"].shape[0] != r
             or tensors["lora_B"].shape[1] != r
