@@ -241,9 +241,8 @@ class KaSATrainerMixin:
                 "them (param.requires_grad_(False)); kasa_trl.apply_kasa and load_kasa_adapter leave only the "
                 "adapter trainable"
             )
-        if (
-            self.optimizer is not None
-        ):  # given by the caller (optimizers=(optimizer, scheduler)) or a former train()
+        # An optimizer given by the caller (optimizers=(optimizer, scheduler)), or made by a former train().
+        if self.optimizer is not None:
             held = {id(param) for group in self.optimizer.param_groups for param in group["params"]}
             missing = [name for name in trainable if id(adapter[name]) not in held]
             if missing:
