@@ -231,7 +231,10 @@ def shared_weight_users(model: nn.Module, targets: dict[str, nn.Module]) -> dict
     tied weight, or an overlapping view), the qualified names of those other tensors; targets with a weight of
     their own are absent."""
     by_memory: dict[tuple, list[tuple[str, int, int, nn.Module]]] = {}
+    wrapped = {id(m.base_layer) for m in model.modules() if isinstance(m, KaSALinear)}
     for module_name, module in model.named_modules():
+        if id(module) in wrapped:  # named as the KaSA layer the user knows, not "<name>.base_layer"
+            module_name = module_name.removesuffix(".base_layer")
         prefix = f"{module_name}." if module_name else ""
         holders = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
         for tensor_name, tensor in holders:

@@ -301,3 +301,167 @@ def test_adapter_disabled_and_one_dimensional_input(conv1d, base_mode):
     layer.adapter_enabled = False
     x = torch.randn(2, 3, 7, dtype=torch.float64)
     torch.testing.assert_close(layer(x), x @ w_trunc.T + bias, rtol=1e-10, atol=1e-10)
+
+
+# --- arguments checked before the base weight is touched (direct users of KaSALinear) -------------------------------
+
+
+def _factors(out_features=6, in_features=6, n=1):
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(out_features, n, generator=gen), torch.randn(n, in_features, generator=gen)
+
+
+BAD_LAYER_ARGS = [
+    (dict(r=0), ValueError, r"r must be a positive integer, got 0"),
+    (dict(r=2.0), ValueError, r"r must be a positive integer, got 2\.0"),
+    (dict(r=True), ValueError, r"r must be a positive integer, got True"),
+    (dict(lora_alpha=float("nan")), ValueError, r"lora_alpha must be a finite number > 0, got nan"),
+    (dict(lora_alpha=float("inf")), ValueError, r"lora_alpha must be a finite number > 0, got inf"),
+    (dict(lora_alpha=0), ValueError, r"lora_alpha must be a finite number > 0, got 0"),
+    (dict(lora_alpha="16"), ValueError, r"lora_alpha must be a finite number > 0, got '16'"),
+    (dict(lora_dropout=1.0), ValueError, r"lora_dropout must be a number in \[0, 1\), got 1\.0"),
+    (dict(lora_dropout=float("nan")), ValueError, r"lora_dropout must be a number in \[0, 1\), got nan"),
+    (dict(use_rslora="yes"), ValueError, r"use_rslora must be True or False, got 'yes'"),
+    (
+        dict(base_mode="inplace"),
+        ValueError,
+        r"base_mode='inplace' is not one of \['in_place', 'non_destructive'\]",
+    ),
+    (
+        dict(adapter_dtype=torch.int8),
+        TypeError,
+        r"adapter_dtype must be a floating-point dtype, got torch\.int8",
+    ),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), BAD_LAYER_ARGS)
+def test_bad_layer_arguments_are_refused_with_the_weight_untouched(kwargs, error, message):
+    base = nn.Linear(6, 6)
+    before = base.weight.detach().clone()
+    args = {"r": 2, "lora_alpha": 4.0, **kwargs}
+    with pytest.raises(error, match=message):
+        KaSALinear(base, *_factors(), **args)
+    assert torch.equal(base.weight, before)
+
+
+def _nan_left():
+    left, right = _factors()
+    left[2, 0] = float("nan")
+    return left, right
+
+
+def _inf_right():
+    left, right = _factors()
+    right[0, 3] = float("-inf")
+    return left, right
+
+
+BAD_FACTORS = {
+    "nan": (
+        _nan_left,
+        ValueError,
+        r"KaSALinear: removed_left holds non-finite values \(NaN/Inf\); they would reach",
+    ),
+    "inf": (_inf_right, ValueError, r"KaSALinear: removed_right holds non-finite values"),
+    "integer": (
+        lambda: (torch.ones(6, 1, dtype=torch.int32), torch.ones(1, 6)),
+        TypeError,
+        r"KaSALinear: removed_left has dtype torch\.int32; the removed factors must be floating point",
+    ),
+    "one-dimensional": (
+        lambda: (torch.ones(6), torch.ones(1, 6)),
+        ValueError,
+        r"removed_left must be a 2-D tensor",
+    ),
+    "not-a-tensor": (
+        lambda: ([[1.0]] * 6, torch.ones(1, 6)),
+        ValueError,
+        r"removed_left must be a 2-D tensor, got list",
+    ),
+    "rank-too-high": (
+        lambda: _factors(n=7),
+        ValueError,
+        r"removed factors \(6, 7\) @ \(7, 6\) do not fit a \(6, 6\) weight \(expected \(out, n\) @ \(n, in\) with n <= "
+        r"min\(out, in\)\)",
+    ),
+    "overflow-fp32": (
+        lambda: (torch.full((6, 1), 1e300, dtype=torch.float64), torch.ones(1, 6, dtype=torch.float64)),
+        ValueError,
+        r"the removed factors overflow torch\.float32",
+    ),
+}
+
+
+@pytest.mark.parametrize("base_mode", ["in_place", "non_destructive"])
+@pytest.mark.parametrize("case", list(BAD_FACTORS))
+def test_bad_removed_factors_are_refused_with_the_weight_untouched(case, base_mode):
+    make, error, message = BAD_FACTORS[case]
+    base = nn.Linear(6, 6)
+    before = base.weight.detach().clone()
+    with pytest.raises(error, match=message):
+        KaSALinear(base, *make(), r=2, lora_alpha=4.0, base_mode=base_mode)
+    assert torch.equal(base.weight, before)
+
+
+def test_meta_and_quantized_bases_are_refused():
+    with pytest.raises(ValueError, match=r"base layer \(Linear\) has its weight on the meta device"):
+        KaSALinear(nn.Linear(6, 6, device="meta"), *_factors(), r=2, lora_alpha=4.0)
+    base = nn.Linear(6, 6)
+    base.weight = nn.Parameter(torch.ones(6, 6, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(
+        TypeError, match=r"holds a Parameter of dtype torch\.int8: quantized or packed weights"
+    ):
+        KaSALinear(base, *_factors(), r=2, lora_alpha=4.0)
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("base_mode", ["in_place", "non_destructive"])
+def test_original_weight_of_a_merged_layer_adds_the_removed_part_back(conv1d, base_mode):
+    """Merged, the base holds W - R + dW in either mode: the original is that - dW + R (a merged non-destructive
+    layer used to give W - R)."""
+    base = _linear(9, 7, dtype=torch.float64, conv1d=conv1d)
+    w = _weight(base)
+    layer = _kasa(base, base_mode=base_mode)
+    _randomize(layer)
+    layer.merge()
+    torch.testing.assert_close(layer.original_weight(), w, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize(
+    ("base_mode", "merged"), [("in_place", False), ("in_place", True), ("non_destructive", True)]
+)
+def test_restore_base_keeps_the_output_and_truncate_base_undoes_it(conv1d, base_mode, merged):
+    base = _linear(9, 7, dtype=torch.float64, conv1d=conv1d)
+    w = _weight(base)
+    layer = _kasa(base, base_mode=base_mode)
+    _randomize(layer)
+    x = torch.randn(4, 7, dtype=torch.float64)
+    expected = layer(x)
+    if merged:
+        layer.merge()
+    layer.restore_base()
+    assert layer.base_mode == "non_destructive" and not layer.merged
+    torch.testing.assert_close(_weight(base), w, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+    layer.truncate_base()
+    assert layer.base_mode == "in_place"
+    torch.testing.assert_close(_weight(base), w - layer.removed_weight(), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="truncate_base needs an unmerged non-destructive KaSA layer"):
+        layer.truncate_base()
+
+
+def test_merge_with_a_non_finite_adapter_changes_nothing():
+    base = _linear(8, 6)
+    layer = _kasa(base)
+    _randomize(layer)
+    with torch.no_grad():
+        layer.lora_diag[1] = float("inf")
+    before = base.weight.detach().clone()
+    with pytest.raises(
+        ValueError, match=r"KaSA layer: lora_diag hold non-finite values \(NaN/Inf\); merge would"
+    ):
+        layer.merge()
+    assert not layer.merged and torch.equal(base.weight, before)
