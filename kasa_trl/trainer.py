@@ -4,6 +4,10 @@ The glue is thin: a mixin applies KaSA to the model (unless it already carries K
 regularizer ``PenaltySession`` (see ``penalty``), and overrides ``compute_loss`` (charge the regularizers, log
 their values through TRL's ``self._metrics``), ``log`` (merge ``SpectrumCallback`` scalars), ``save_model`` and
 the checkpoint loading (a KaSA adapter directory instead of full weights).
+
+``train`` first refuses what would train nothing or resume the wrong thing (a frozen, merged or disabled adapter,
+an optimizer without the adapter, a checkpoint of other model settings or without optimizer state), before
+anything changes; a callback stops the first step if no adapter parameter received a gradient.
 """
 
 from __future__ import annotations
