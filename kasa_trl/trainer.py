@@ -7,31 +7,33 @@ the checkpoint loading (a KaSA adapter directory instead of full weights).
 
 ``train`` first refuses what would train nothing or resume the wrong thing (a frozen, merged or disabled adapter,
 an optimizer without the adapter, a checkpoint of other model settings or without optimizer state), before
-anything changes; a callback stops the first step if no adapter parameter received a gradient.
+anything changes; a callback stops the first step if no adapter parameter received a gradient (see
+``training_guards``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 from transformers.trainer_utils import TrainOutput
-from transformers.utils import is_peft_available
 from trl import SFTTrainer
 
 from .adapter_io import layer_tensors, read_adapter, write_adapter
-from .checkpoint import incomplete_reason, last_complete_checkpoint, missing_training_state
-from .config import MODEL_FIELDS, TRAINING_FIELDS, KaSAConfig, config_differences, format_differences
+from .checkpoint import last_complete_checkpoint
+from .config import KaSAConfig, config_differences, format_differences
 from .model import apply_kasa, get_kasa_config, kasa_layers
 from .penalty import PenaltySession, attach_penalties
-
-logger = logging.getLogger(__name__)
+from .training_guards import (
+    GradientReachesAdapters,
+    check_no_peft_layers,
+    check_resumable,
+    check_same_adapter,
+    check_trainable,
+)
 
 TRAINING_ARGS_NAME = "training_args.bin"
 
@@ -76,7 +78,7 @@ class KaSATrainerMixin:
         regularizers, which only shape training, and a requested ``base_mode="auto"`` matches either mode); the
         trainer trains with its regularizers (and saves them with the adapter); ``model.kasa_config`` is left as is.
         """
-        _check_no_peft_layers(model)
+        check_no_peft_layers(model)
         if kasa_layers(model):
             existing = get_kasa_config(model)
             if kasa_config is None:
@@ -112,7 +114,7 @@ class KaSATrainerMixin:
         self._kasa_session = attach_penalties(
             model, self.kasa_config.regularizers, self.kasa_config.regularizer_reduction
         )
-        self.add_callback(_GradientReachesAdapters())
+        self.add_callback(GradientReachesAdapters())
 
     # -- loss and metrics ------------------------------------------------------------------------------
     def _kasa_micro_batch_factor(self, num_items_in_batch: Any) -> float:
@@ -189,7 +191,7 @@ class KaSATrainerMixin:
         the optimizer starts fresh). ``resume_from_checkpoint=True`` takes the newest COMPLETE checkpoint
         (transformers' ``get_last_checkpoint`` takes the highest number even if its save was cut short).
         """
-        self._kasa_check_trainable()
+        check_trainable(self.model, self.optimizer)
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(
                 self.args.output_dir, require_optimizer=not self.args.save_only_model
@@ -203,102 +205,13 @@ class KaSATrainerMixin:
             resume_from_checkpoint = None
         if resume_from_checkpoint is not None:
             resume_from_checkpoint = os.fspath(resume_from_checkpoint)
-            self._kasa_check_resume(resume_from_checkpoint)
+            check_resumable(
+                resume_from_checkpoint,
+                self.model,
+                self.kasa_config,
+                save_only_model=self.args.save_only_model,
+            )
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
-
-    def _kasa_check_trainable(self) -> None:
-        """Refuse a model whose training would update nothing, or something the trainer does not save."""
-        layers = kasa_layers(self.model)
-        if not layers:
-            raise ValueError(
-                "the model carries no KaSA layers any more (merge_and_unload or unload was called on it after the "
-                "trainer was built); build a new trainer from the base model or from a loaded adapter"
-            )
-        merged = [name for name, layer in layers.items() if layer.merged]
-        if merged:
-            raise ValueError(
-                f"{len(merged)} of {len(layers)} KaSA layers are merged into their base weights ({_some(merged)}): "
-                "the forward no longer uses the adapter factors, so training would update nothing it computes "
-                "with. Call layer.unmerge() for each layer of kasa_trl.kasa_layers(model) before train()"
-            )
-        disabled = [name for name, layer in layers.items() if not layer.adapter_enabled]
-        if disabled:
-            raise ValueError(
-                f"{len(disabled)} of {len(layers)} KaSA adapters are disabled ({_some(disabled)}): training would "
-                "update nothing. Set layer.adapter_enabled = True (or leave the kasa_adapters_disabled block) "
-                "before train()"
-            )
-        adapter = {f"{n}.{k}": p for n, layer in layers.items() for k, p in layer.adapter_params().items()}
-        trainable = [name for name, param in adapter.items() if param.requires_grad]
-        if not trainable:
-            raise ValueError(
-                f"no KaSA adapter parameter is trainable (all {len(adapter)} have requires_grad=False): the adapter "
-                "was loaded for inference, as load_kasa_adapter(model, path) does by default, or frozen by hand, "
-                "so training would update nothing. Load it with load_kasa_adapter(model, path, is_trainable=True)"
-            )
-        ids = {id(param) for param in adapter.values()}
-        others = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in ids]
-        if others:
-            raise ValueError(
-                f"{len(others)} parameters outside the KaSA adapters are trainable ({_some(others)}): the trainer "
-                "saves, checkpoints and resumes only the KaSA adapter, so their training would be lost. Freeze "
-                "them (param.requires_grad_(False)); kasa_trl.apply_kasa and load_kasa_adapter leave only the "
-                "adapter trainable"
-            )
-        # An optimizer given by the caller (optimizers=(optimizer, scheduler)), or made by a former train().
-        if self.optimizer is not None:
-            held = {id(param) for group in self.optimizer.param_groups for param in group["params"]}
-            missing = [name for name in trainable if id(adapter[name]) not in held]
-            if missing:
-                raise ValueError(
-                    f"the optimizer does not hold {len(missing)} of the {len(trainable)} trainable KaSA parameters "
-                    f"({_some(missing)}), so they would never be updated. An optimizer built from the base model "
-                    "before the trainer applied KaSA holds the old, now frozen, weights: build it from the adapted "
-                    "model (kasa_trl.apply_kasa(model, config) first, then pass the model), or let the trainer "
-                    "create it (optimizers=(None, None), optim=... in the training arguments)"
-                )
-        if len(trainable) < len(adapter):
-            frozen = [name for name in adapter if name not in trainable]
-            logger.warning(
-                "kasa_trl: %d of %d KaSA adapter parameters are frozen (%s) and will not be trained",
-                len(frozen),
-                len(adapter),
-                _some(frozen),
-            )
-
-    def _kasa_check_resume(self, checkpoint: str) -> None:
-        """Refuse a checkpoint this trainer cannot resume from exactly (see ``train``); nothing is loaded here."""
-        if not Path(checkpoint).is_dir():
-            raise ValueError(
-                f"resume_from_checkpoint={checkpoint!r} is not a directory; pass a checkpoint-N directory of this "
-                "run, or True for the newest complete one in output_dir"
-            )
-        reason = incomplete_reason(checkpoint, require_optimizer=False)
-        if reason is not None:
-            raise ValueError(
-                f"cannot resume from {checkpoint}: {reason}. Pass a complete checkpoint "
-                "(kasa_trl.last_complete_checkpoint(output_dir) finds the newest one), or start a new run from a "
-                "saved adapter with load_kasa_adapter(model, path, is_trainable=True)"
-            )
-        config, per_layer = read_adapter(checkpoint)
-        self._kasa_check_same_adapter(checkpoint, config, per_layer)
-        missing = missing_training_state(checkpoint)
-        if missing and not self.args.save_only_model:
-            raise ValueError(
-                f"cannot resume from {checkpoint}: {', '.join(missing)} missing, so training would go on with a "
-                "fresh optimizer and a learning-rate schedule started over. Pass a complete checkpoint "
-                "(kasa_trl.last_complete_checkpoint(output_dir)), or start a new run from its adapter with "
-                "load_kasa_adapter(model, path, is_trainable=True); runs saved with save_only_model=True resume "
-                "from such checkpoints with a warning"
-            )
-        if missing:
-            logger.warning(
-                "kasa_trl: resuming from %s without %s (save_only_model=True): the optimizer starts fresh, the "
-                "learning-rate schedule starts over from its first step and the random numbers differ from an "
-                "uninterrupted run",
-                checkpoint,
-                ", ".join(missing),
-            )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write the KaSA adapter (not the full model) plus the tokenizer and training arguments."""
@@ -330,112 +243,13 @@ class KaSATrainerMixin:
 
     def _kasa_load_adapter_weights(self, directory: str) -> None:
         """Copy a saved adapter's trained factors into this model's KaSA layers (same layers, same base)."""
-        config, per_layer = read_adapter(directory)
-        self._kasa_check_same_adapter(directory, config, per_layer)
+        saved, per_layer = read_adapter(directory)
+        check_same_adapter(directory, saved, per_layer, self.model, self.kasa_config)
         layers = kasa_layers(self.model)
         with torch.no_grad():
             for name, layer in layers.items():
                 for key, param in layer.adapter_params().items():
                     param.copy_(per_layer[name][key])
-
-    def _kasa_check_same_adapter(
-        self, directory: str, config: KaSAConfig, per_layer: dict[str, dict[str, torch.Tensor]]
-    ) -> None:
-        """Refuse a saved adapter for another model than this trainer's: other model settings (``MODEL_FIELDS``),
-        other layers or another truncation. Changed training settings (``TRAINING_FIELDS``) are logged."""
-        layers = kasa_layers(self.model)
-        problems = []
-        differences = config_differences(config, self.kasa_config, MODEL_FIELDS)
-        if differences:
-            problems.append(format_differences(differences, ("checkpoint", "this trainer")))
-        only_saved = sorted(set(per_layer) - set(layers))
-        only_here = sorted(set(layers) - set(per_layer))
-        if only_saved or only_here:
-            targets = config_differences(config, self.kasa_config, ("target_modules", "exclude_modules"))
-            problems.append(
-                "adapted layers differ ("
-                + "; ".join(
-                    [f"only in the checkpoint: {_some(only_saved)}"] * bool(only_saved)
-                    + [f"only in this model: {_some(only_here)}"] * bool(only_here)
-                    + [format_differences(targets, ("checkpoint", "this trainer"))] * bool(targets)
-                )
-                + ")"
-            )
-        if problems:
-            raise ValueError(
-                f"checkpoint {directory} holds a KaSA adapter trained with other model settings than this "
-                f"trainer's: {'; '.join(problems)}. Resume with the KaSAConfig the run was started with "
-                f"(KaSAConfig.from_json({str(Path(directory) / 'kasa_config.json')!r})), or start a new run"
-            )
-        for name, layer in layers.items():
-            if not torch.equal(per_layer[name]["removed_left"], layer.removed_left.cpu()):
-                method = config_differences(config, self.kasa_config, ("decomposition_method",))
-                raise ValueError(
-                    f"checkpoint {directory} was trained on another truncation of {name}: another base model"
-                    + (f" or {format_differences(method, ('checkpoint', 'this trainer'))}" if method else "")
-                    + "; resume with the same base model and KaSAConfig"
-                )
-        changed = config_differences(config, self.kasa_config, TRAINING_FIELDS)
-        if changed:
-            logger.warning(
-                "kasa_trl: resuming from %s with changed training settings: %s",
-                directory,
-                format_differences(changed, ("checkpoint", "this trainer")),
-            )
-
-
-class _GradientReachesAdapters(TrainerCallback):
-    """Stops training at its first optimizer step when no trainable KaSA parameter received a gradient (the
-    adapted modules are not on the forward's path, or reentrant checkpointing cut them off): the step would
-    update nothing. Skipped under DeepSpeed and FSDP, which keep gradients out of ``param.grad``."""
-
-    def __init__(self) -> None:
-        self.checked = False
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.checked = False
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.checked or model is None or args.deepspeed or args.fsdp:
-            return
-        self.checked = True
-        params = [
-            (f"{name}.{key}", p)
-            for name, layer in kasa_layers(model).items()
-            for key, p in layer.adapter_params().items()
-            if p.requires_grad
-        ]
-        if params and all(p.grad is None for _, p in params):
-            raise RuntimeError(
-                f"no trainable KaSA parameter received a gradient in the first step ({len(params)} parameters, "
-                f"e.g. {params[0][0]}): the adapted modules do not take part in the loss. Check target_modules "
-                "against the modules the forward uses; with gradient_checkpointing (reentrant), the inputs must "
-                "require grad (model.enable_input_require_grads())"
-            )
-
-
-def _check_no_peft_layers(model: nn.Module) -> None:
-    """KaSA layers are not stacked on PEFT tuner layers: ``all-linear`` would adapt PEFT's own ``lora_A``/``lora_B``
-    Linear modules, and the trainer would save only part of what trains."""
-    if not is_peft_available():
-        return
-    from peft import PeftModel
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    tuned = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
-    if isinstance(model, PeftModel) or tuned:
-        raise ValueError(
-            f"the model carries PEFT adapter layers ({_some(tuned) if tuned else type(model).__name__}); KaSA "
-            "trainers train their own KaSA layers on a plain base model. Pass the base model "
-            "(peft_model.unload(), or merge_and_unload() to keep a trained LoRA in the base), and a PEFT KaSA "
-            "config as kasa_config or peft_config; convert a PEFT KaSA adapter with integrations/peft"
-        )
-
-
-def _some(names: list[str], shown: int = 3) -> str:
-    """``a, b, c and 10 more``."""
-    head = ", ".join(names[:shown])
-    return f"{head} and {len(names) - shown} more" if len(names) > shown else head
 
 
 class KaSATrainer(KaSATrainerMixin, SFTTrainer):

@@ -217,7 +217,7 @@ def test_partly_frozen_adapter_trains_with_a_warning(tmp_path, tokenizer, datase
     trainer = make_trainer(tmp_path / "out", tokenizer, dataset, kasa=KaSAConfig(**CONFIG), max_steps=1)
     for layer in kasa_layers(trainer.model).values():
         layer.lora_diag.requires_grad_(False)
-    with caplog.at_level(logging.WARNING, logger="kasa_trl.trainer"):
+    with caplog.at_level(logging.WARNING, logger="kasa_trl.training_guards"):
         trainer.train()
     assert (
         "14 of 42 KaSA adapter parameters are frozen (model.layers.0.self_attn.q_proj.lora_diag"
@@ -355,7 +355,7 @@ def test_resume_with_same_model_and_auto_base_mode_or_new_regularizers(
         kasa=KaSAConfig(**{**CONFIG, "regularizers": {"orthogonality": 0.1}}),
         max_steps=2,
     )
-    with caplog.at_level(logging.WARNING, logger="kasa_trl.trainer"):
+    with caplog.at_level(logging.WARNING, logger="kasa_trl.training_guards"):
         trainer.train(resume_from_checkpoint=checkpoint)  # a Path works too
     assert trainer.state.global_step == 2
     assert "resuming from" in caplog.text and "with changed training settings: regularizers:" in caplog.text
@@ -404,7 +404,7 @@ def test_resume_without_optimizer_state_warns_when_the_run_saves_only_the_model(
     trainer = make_trainer(
         tmp_path / "run", tokenizer, dataset, kasa=KaSAConfig(**CONFIG), save_only_model=True
     )
-    with caplog.at_level(logging.WARNING, logger="kasa_trl.trainer"):
+    with caplog.at_level(logging.WARNING, logger="kasa_trl.training_guards"):
         trainer.train(resume_from_checkpoint=str(copy))
     assert trainer.state.global_step == 2
     assert "without the optimizer state (optimizer.pt or optimizer.bin)" in caplog.text
