@@ -34,7 +34,7 @@ from kasa_trl.adapter_io import ADAPTER_FILE, read_adapter, write_adapter
 from kasa_trl.checkpoint import is_complete_checkpoint, last_complete_checkpoint
 from kasa_trl.tiny import build_tiny_llama, build_tokenizer
 
-from .distributed import train_worker
+from .distributed import processes, train_worker
 from .distributed.train_worker import MAX_STEPS, SAVE_STEPS, adapter_tensors, build_trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ class KilledRun:
         self.log = root / "worker.log"
         env = {**ENV, train_worker.PROGRESS_ENV: str(self.progress), **extra_env}
         with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(
+            self.proc = processes.start(
                 [sys.executable, str(WORKER), "--out", str(self.out)],
                 cwd=REPO_ROOT,
                 env=env,
@@ -93,9 +93,7 @@ class KilledRun:
         )
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        processes.stop(self.proc)
 
 
 def _kill_target(rng: random.Random) -> tuple[int, str]:
