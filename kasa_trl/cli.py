@@ -1,15 +1,25 @@
 """``kasa-trl``: export, merge and inspect KaSA adapters from the command line.
 
-    kasa-trl export-lora ADAPTER_DIR OUT_DIR [--base MODEL] [--pad-to-rank N|vllm] [--dtype D] [--overwrite]
-    kasa-trl export-peft-kasa ADAPTER_DIR OUT_DIR [--base MODEL] [--overwrite]
-    kasa-trl merge ADAPTER_DIR OUT_DIR --base MODEL [--dtype D] [--overwrite]
+    kasa-trl export-lora ADAPTER_DIR OUT_DIR [--base MODEL [--force-base]] [--pad-to-rank N|vllm] [--dtype D]
+                         [--overwrite]
+    kasa-trl export-peft-kasa ADAPTER_DIR OUT_DIR [--base MODEL [--force-base]] [--overwrite]
+    kasa-trl merge ADAPTER_DIR OUT_DIR [--base MODEL [--force-base]] [--dtype D] [--overwrite]
     kasa-trl inspect ADAPTER_DIR [--json] [--png PATH] [--top K]
 
+MODEL defaults to the base the adapter records; a --base naming another one is refused unless --force-base.
+The base's weights are checked against the adapter as ``load_kasa_adapter`` checks them, wherever it is
+available locally.
+
 Exit codes: 0 success, 1 unexpected failure, 2 bad usage or bad input (missing or wrong adapter, wrong base,
-non-empty output directory). Errors print one ``kasa-trl: error: ...`` line, no traceback (set
-``KASA_TRL_DEBUG=1`` for one). Outputs are written into a temporary sibling directory and renamed into place at
-the end, so OUT_DIR is either complete or untouched. torch and transformers are imported inside the commands,
-so ``--help`` stays cheap.
+an output that overlaps an input, a non-empty output directory). Errors print one ``kasa-trl: error: ...`` line,
+no traceback (set ``KASA_TRL_DEBUG=1`` for one); warnings one ``kasa-trl: warning: ...`` line each.
+
+No command destroys an input (``integrations.peft.atomic``): an output that equals, contains or lies inside the
+adapter directory, a local base directory or a file either links to is refused, with or without --overwrite;
+--overwrite replaces only an earlier kasa-trl output (listed in its manifest), never other files. Outputs are
+written into an exclusively created temporary sibling and swapped into place at the end, so OUT_DIR is either
+complete or untouched; what a killed run leaves is cleaned up, or named, by the next run. torch and
+transformers are imported inside the commands, so ``--help`` stays cheap.
 """
 
 from __future__ import annotations
@@ -74,9 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a standard PEFT LoRA adapter equivalent to the KaSA adapter, on the untouched base.",
     )
     _add_io_args(export)
-    export.add_argument(
-        "--base", metavar="MODEL", help="base model name/path recorded in the config (and checked if local)"
-    )
+    export.add_argument("--base", metavar="MODEL", help=_BASE_HELP + "; recorded in the exported config")
     export.add_argument(
         "--pad-to-rank",
         metavar="N|vllm",
@@ -92,9 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write the adapter as PEFT's KaSA variant; PEFT re-runs the SVD truncation when loading it.",
     )
     _add_io_args(peft_kasa)
-    peft_kasa.add_argument(
-        "--base", metavar="MODEL", help="base model name/path recorded in the config (and checked if local)"
-    )
+    peft_kasa.add_argument("--base", metavar="MODEL", help=_BASE_HELP + "; recorded in the exported config")
     peft_kasa.set_defaults(run=_export_peft_kasa)
 
     merge = commands.add_parser(
@@ -104,9 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with the tokenizer if one is found (adapter directory first, then MODEL).",
     )
     _add_io_args(merge)
-    merge.add_argument(
-        "--base", metavar="MODEL", required=True, help="the base model the adapter was trained on"
-    )
+    merge.add_argument("--base", metavar="MODEL", help=_BASE_HELP)
     merge.add_argument(
         "--dtype", choices=("auto", *_DTYPES), default="auto", help="dtype to load the base in"
     )
@@ -131,10 +135,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_BASE_HELP = (
+    "the base model the adapter was trained on (default: the one the adapter records); its weights are checked "
+    "against the adapter when it is available locally"
+)
+
+
 def _add_io_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a kasa_trl adapter directory")
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="output directory (must not exist or be empty)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument(
+        "out_dir",
+        metavar="OUT_DIR",
+        help="output directory: new or empty, and outside the adapter and base directories",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier kasa-trl output in OUT_DIR (never other files: those are named and refused)",
+    )
+    parser.add_argument(
+        "--force-base",
+        action="store_true",
+        help="use --base even though the adapter records another base (e.g. a local copy of the recorded hub "
+        "model); its weights are still checked",
+    )
 
 
 # --- commands ---------------------------------------------------------------------------------------------
@@ -142,17 +166,19 @@ def _add_io_args(parser: argparse.ArgumentParser) -> None:
 
 def _export_lora(args: argparse.Namespace) -> None:
     adapter = _check_adapter_dir(args.adapter_dir)
-    out = _check_out_dir(args.out_dir, args.overwrite, _inputs(adapter, args.base))
+    base = _base(args, adapter)
+    out = _check_out_dir(args.out_dir, args.overwrite, _inputs(adapter, base))
     import torch
 
     peft_integration = _peft_integration()
     peft_integration.export_lora(
         adapter,
         out,
-        base_model_name_or_path=args.base,
+        base_model_name_or_path=base,
         pad_to_rank=args.pad_to_rank,
         dtype=getattr(torch, args.dtype),
         overwrite=args.overwrite,
+        force_base=args.force_base,
     )
     config = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
     rank = config["r"]
@@ -164,9 +190,10 @@ def _export_lora(args: argparse.Namespace) -> None:
 
 def _export_peft_kasa(args: argparse.Namespace) -> None:
     adapter = _check_adapter_dir(args.adapter_dir)
-    out = _check_out_dir(args.out_dir, args.overwrite, _inputs(adapter, args.base))
+    base = _base(args, adapter)
+    out = _check_out_dir(args.out_dir, args.overwrite, _inputs(adapter, base))
     _peft_integration().export_peft_kasa(
-        adapter, out, base_model_name_or_path=args.base, overwrite=args.overwrite
+        adapter, out, base_model_name_or_path=base, overwrite=args.overwrite, force_base=args.force_base
     )
     print(
         f"wrote a PEFT KaSA adapter to {out}; load it with peft.PeftModel.from_pretrained(base, {str(out)!r})"
@@ -175,7 +202,11 @@ def _export_peft_kasa(args: argparse.Namespace) -> None:
 
 def _merge(args: argparse.Namespace) -> None:
     adapter = _check_adapter_dir(args.adapter_dir)
-    inputs = _inputs(adapter, args.base)
+    base = _base(args, adapter)
+    if base is None:
+        raise UsageError(f"the adapter at {adapter} does not record its base model; pass --base MODEL")
+    origin = "" if args.base else " (recorded in the adapter; pass --base to use another copy)"
+    inputs = _inputs(adapter, base)
     out = _check_out_dir(args.out_dir, args.overwrite, inputs)
     import torch
     from transformers import AutoModelForCausalLM
@@ -184,22 +215,22 @@ def _merge(args: argparse.Namespace) -> None:
 
     atomic_output_dir = _peft_integration().atomic_output_dir
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    if not os.path.isdir(args.base) and (os.sep in args.base or args.base.startswith(".")):
-        raise UsageError(f"base model directory {args.base} does not exist")
+    if not os.path.isdir(base) and (os.sep in base or base.startswith(".")):
+        raise UsageError(f"base model directory {base} does not exist{origin}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load base model {args.base!r}: {e}") from e
+        raise UsageError(f"cannot load base model {base!r}{origin}: {e}") from e
     load_kasa_adapter(model, adapter)
     n_layers = len(kasa_layers(model))
     merge_and_unload(model)
-    tokenizer = _find_tokenizer(adapter, args.base)
+    tokenizer = _find_tokenizer(adapter, base)
     with atomic_output_dir(out, overwrite=args.overwrite, inputs=inputs) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     note = "" if tokenizer is not None else " (no tokenizer found to copy)"
-    print(f"merged {n_layers} KaSA layers into {args.base} and saved the model to {out}{note}")
+    print(f"merged {n_layers} KaSA layers into {base} and saved the model to {out}{note}")
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -374,6 +405,11 @@ def _check_adapter_dir(path: str) -> Path:
             f"{directory} is not a kasa_trl adapter directory ({_ADAPTER_FILE} is missing){hint}"
         )
     return directory
+
+
+def _base(args: argparse.Namespace, adapter: Path) -> str | None:
+    """--base, else the base the adapter records; a --base naming another one is refused without --force-base."""
+    return _peft_integration().resolve_base(adapter, args.base, force=args.force_base)
 
 
 def _inputs(adapter: Path, base: str | None) -> dict[str, Path | str | None]:

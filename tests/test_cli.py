@@ -71,13 +71,14 @@ def _subprocess_cases(ws: Path) -> dict[str, list[str]]:
     adapter, base, out = str(ws / "adapter"), str(ws / "base"), ws / "out"
     return {
         "export_lora": ["export-lora", adapter, str(out / "lora"), "--base", base, "--pad-to-rank", "vllm"],
-        "merge": ["merge", adapter, str(out / "merged"), "--base", base],
+        "merge": ["merge", adapter, str(out / "merged")],  # the base the adapter records
         "export_peft_kasa_wrong_base": [
             "export-peft-kasa",
             adapter,
             str(out / "wrong"),
             "--base",
             str(ws / "gpt2_base"),
+            "--force-base",
         ],
     }
 
@@ -207,22 +208,30 @@ def test_inspect_prints_a_table_and_saves_a_png(ws, capsys, tmp_path):
     [
         (["export-lora", "{base}", "{out}/x"], "is not a kasa_trl adapter directory"),
         (["export-lora", "{peft}", "{out}/x"], "it holds a PEFT adapter"),
-        (["merge", "{adapter}", "{out}/m", "--base", "{ws}/other_base"], "fingerprint mismatch"),
+        # A --base other than the one the adapter records is refused, unless forced; then its weights are checked.
         (
-            ["export-lora", "{adapter}", "{out}/x", "--base", "{ws}/gpt2_base"],
+            ["merge", "{adapter}", "{out}/m", "--base", "{ws}/other_base"],
+            "trained on base model '.*/base', not '.*/other_base'; .*--force-base",
+        ),
+        (
+            ["merge", "{adapter}", "{out}/m", "--base", "{ws}/other_base", "--force-base"],
+            "fingerprint mismatch",
+        ),
+        (
+            ["export-lora", "{adapter}", "{out}/x", "--base", "{ws}/gpt2_base", "--force-base"],
             "does not fit base model .*gpt2_base: .*which GPT2LMHeadModel does not have",
         ),
         # The base weights are checked as load_kasa_adapter checks them, not only the architecture.
         (
-            ["export-lora", "{adapter}", "{out}/x", "--base", "{ws}/other_base"],
-            "does not fit base model .*other_base",
+            ["export-lora", "{adapter}", "{out}/x", "--base", "{ws}/other_base", "--force-base"],
+            "does not fit base model .*other_base: .*fingerprint mismatch",
         ),
         (
-            ["export-peft-kasa", "{adapter}", "{out}/x", "--base", "{ws}/other_base"],
-            "does not fit base model",
+            ["export-peft-kasa", "{adapter}", "{out}/x", "--base", "{ws}/other_base", "--force-base"],
+            "does not fit base model .*fingerprint mismatch",
         ),
         (
-            ["merge", "{adapter}", "{out}/m", "--base", "{ws}/no_such_base"],
+            ["merge", "{adapter}", "{out}/m", "--base", "{ws}/no_such_base", "--force-base"],
             "base model directory .* does not exist",
         ),
         (["export-lora", "{adapter}", "{out}/x", "--pad-to-rank", "4"], "below the exported rank 6"),
@@ -230,7 +239,7 @@ def test_inspect_prints_a_table_and_saves_a_png(ws, capsys, tmp_path):
             ["export-lora", "{adapter}", "{adapter}"],
             "output .*adapter is .*adapter \\(the adapter directory\\)",
         ),
-        (["export-lora", "{adapter}", "{base}/config.json"], "exists and is not a directory"),
+        (["export-lora", "{adapter}", "{ws}/nonempty/keep.txt"], "exists and is not a directory"),
         (["inspect", "{ws}/nonempty/keep.txt"], "is not a directory"),
         (["inspect", "{ws}/missing"], "adapter directory .*missing does not exist"),
         (["export-peft-kasa", "{adapter}", "{ws}/nonempty"], "exists and is not empty; .*--overwrite"),
@@ -246,10 +255,34 @@ def test_more_bad_inputs_exit_2_with_one_line(ws, capsys, argv, message):
     assert sorted(p.name for p in (ws / "nonempty").iterdir()) == ["keep.txt"]
 
 
+def test_the_recorded_base_is_the_default_and_the_same_directory_under_another_name_is_no_conflict(
+    ws, capsys, tmp_path
+):
+    out = tmp_path / "lora"
+    assert kasa_cli.main(["export-lora", str(ws / "adapter"), str(out)]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        ws / "base"
+    )
+    (tmp_path / "link").symlink_to(ws / "base")
+    for i, same in enumerate((f"{ws / 'base'}/", str(tmp_path / "link"))):
+        out = tmp_path / f"k{i}"
+        assert kasa_cli.main(["export-peft-kasa", str(ws / "adapter"), str(out), "--base", same]) == 0
+        assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == same
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_merge_without_base_needs_an_adapter_that_records_one(ws, capsys, tmp_path):
+    model = apply_kasa(build_tiny_llama(64, seed=0), KaSAConfig(r=2, target_modules=["q_proj"]))
+    adapter = save_kasa_adapter(model, tmp_path / "adapter")  # a model built in code has no name to record
+    code = kasa_cli.main(["merge", str(adapter), str(tmp_path / "merged")])
+    _assert_one_line_error(code, capsys.readouterr().err, "does not record its base model; pass --base MODEL")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["merge", "adapter", "out"], "the following arguments are required: --base"),
+        (["merge", "adapter"], "the following arguments are required: OUT_DIR"),
         (["export-lora", "adapter", "out", "--pad-to-rank", "0"], "expected a positive integer"),
         (["convert", "adapter"], "invalid choice: 'convert'"),
     ],

@@ -119,6 +119,27 @@ def test_export_lora_from_directory_equals_from_model_and_checks_the_base(tmp_pa
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.parametrize("export", [export_lora, export_peft_kasa])
+def test_exports_default_to_the_recorded_base_and_check_a_forced_one(export, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    build_tiny_llama(VOCAB, seed=0).save_pretrained(tmp_path / "base")
+    build_tiny_llama(VOCAB, seed=1).save_pretrained(tmp_path / "other")
+    model = apply_kasa(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), KaSAConfig(r=2, lora_alpha=4))
+    adapter = save_kasa_adapter(model, tmp_path / "adapter")  # records tmp_path / "base"
+    out = export(adapter, tmp_path / "out")
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tmp_path / "base"
+    )
+    other = str(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"trained on base model '.*base', not '.*other'; .*force_base=True"):
+        export(adapter, tmp_path / "x", base_model_name_or_path=other)
+    # Forced, the other base is still loaded and checked: same architecture, other weights.
+    with pytest.raises(ValueError, match=r"does not fit base model .*other: .*fingerprint mismatch"):
+        export(adapter, tmp_path / "x", base_model_name_or_path=other, force_base=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "other", "out"]
+
+
 def test_export_lora_rank_padding_rules():
     assert lora_export_module.padded_rank(6, None, r=3) == 6
     assert lora_export_module.padded_rank(6, "vllm", r=3) == 8

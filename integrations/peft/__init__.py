@@ -10,6 +10,7 @@ Writing the files does not need PEFT installed; PEFT is needed to load them, and
 ``PeftModel``.
 """
 
+from ._source import resolve_base
 from .atomic import atomic_output_dir, atomic_output_file, check_output_dir
 from .kasa_format import export_peft_kasa, import_peft_kasa
 from .lora_export import VLLM_MAX_LORA_RANKS, export_lora
@@ -22,4 +23,5 @@ __all__ = [
     "export_lora",
     "export_peft_kasa",
     "import_peft_kasa",
+    "resolve_base",
 ]

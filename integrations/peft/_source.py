@@ -10,16 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kasa_trl.adapter_io import load_kasa_adapter, read_adapter
-
-try:
-    from kasa_trl.adapter_io import verify_adapter_base
-except ImportError:  # TEMPORARY until adapter_io exposes it: loading onto the scratch copy checks the same
-
-    def verify_adapter_base(model: nn.Module, adapter_directory: str | os.PathLike) -> None:
-        load_kasa_adapter(model, adapter_directory)
-
-
+from kasa_trl.adapter_io import read_adapter, read_adapter_info, verify_adapter_base
 from kasa_trl.config import KaSAConfig
 from kasa_trl.model import get_kasa_config, kasa_layers
 
@@ -90,6 +81,37 @@ def _from_model(model: nn.Module, base_model_name_or_path: str | None) -> KaSASo
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
     return KaSASource(config, tensors, conv1d, base_model_name_or_path, None)
+
+
+def resolve_base(
+    adapter_directory: str | os.PathLike, given: str | None, *, force: bool = False
+) -> str | None:
+    """The base model to use with a saved adapter: ``given``, else the one the adapter records (``None`` if
+    neither names one).
+
+    Raises:
+        ValueError: ``given`` names another base than the recorded one and ``force`` is false. The same model
+            under two names (a hub id and a local copy) is one case of it; ``force`` then uses ``given``, whose
+            weights are still checked against the adapter where they are available.
+    """
+    recorded = read_adapter_info(adapter_directory).base_model_name_or_path
+    if given is None or recorded is None or _same_model(given, recorded):
+        return given if given is not None else recorded
+    if force:
+        return given
+    raise ValueError(
+        f"the adapter at {adapter_directory} was trained on base model {recorded!r}, not {given!r}; drop the base "
+        "argument to use the recorded one, or force it (--force-base, force_base=True) if it names the same weights"
+    )
+
+
+def _same_model(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def source_inputs(

@@ -33,7 +33,7 @@ from ._peft_format import (
     split_key,
     write_peft_adapter,
 )
-from ._source import read_kasa_source, source_inputs
+from ._source import read_kasa_source, resolve_base, source_inputs
 from .atomic import atomic_output_dir, check_output_dir
 
 
@@ -95,6 +95,7 @@ def export_peft_kasa(
     base_model_name_or_path: str | None = None,
     task_type: str | None = "CAUSAL_LM",
     overwrite: bool = False,
+    force_base: bool = False,
 ) -> Path:
     """Write a kasa_trl adapter in PEFT's KaSA format: ``PeftModel.from_pretrained(fresh_base, out_dir)`` (peft >= 0.21)
     gives kasa_trl's outputs, up to PEFT's fp32 re-decomposition.
@@ -102,14 +103,20 @@ def export_peft_kasa(
     Older PEFT releases do not know ``kasa_config``: they drop it with a warning and load a plain LoRA, which
     computes something else. Check ``peft.__version__ >= "0.21"`` where the adapter is loaded.
 
+    ``base_model_name_or_path``, ``overwrite`` and ``force_base`` work as in ``export_lora``: the base defaults
+    to the recorded one and is checked when available locally; only an earlier kasa_trl output is overwritten.
+
     Raises:
         ValueError: a target is ``Conv1D`` (PEFT's KaSA rejects ``fan_in_fan_out`` layers), or a layer removes
             other than ``r`` components (``truncation="official"`` on a wide weight): PEFT could not reproduce
             it. ``export_lora`` handles both.
     """
-    inputs = source_inputs(model_or_adapter_dir, base_model_name_or_path)
+    base = base_model_name_or_path
+    if not isinstance(model_or_adapter_dir, nn.Module):
+        base = resolve_base(model_or_adapter_dir, base, force=force_base)
+    inputs = source_inputs(model_or_adapter_dir, base)
     check_output_dir(out_dir, overwrite=overwrite, inputs=inputs)
-    source = read_kasa_source(model_or_adapter_dir, base_model_name_or_path)
+    source = read_kasa_source(model_or_adapter_dir, base)
     config = source.config
     conv1d = sorted(name for name, is_conv in (source.conv1d or {}).items() if is_conv)
     if conv1d:

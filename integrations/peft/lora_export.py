@@ -19,7 +19,7 @@ from torch import nn
 from kasa_trl.decomposition import lora_export_factors
 
 from ._peft_format import KEY_PREFIX, lora_config_dict, write_peft_adapter
-from ._source import read_kasa_source, source_inputs
+from ._source import read_kasa_source, resolve_base, source_inputs
 from .atomic import atomic_output_dir, check_output_dir
 
 VLLM_MAX_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -36,6 +36,7 @@ def export_lora(
     dtype: torch.dtype | None = None,
     task_type: str | None = "CAUSAL_LM",
     overwrite: bool = False,
+    force_base: bool = False,
 ) -> Path:
     """Write a standard PEFT LoRA adapter equivalent to a KaSA adapter, to be loaded on the ORIGINAL base.
 
@@ -43,10 +44,13 @@ def export_lora(
         adapter_dir_or_model: a kasa_trl adapter directory, or a model carrying KaSA layers (either base mode,
             merged or not).
         out_dir: the directory to create (written atomically: complete or absent).
-        base_model_name_or_path: recorded in ``adapter_config.json``. For a directory source, a base whose config
-            is available locally is also checked against the adapter (module names and shapes) and tells which
-            targets are ``Conv1D`` (``fan_in_fan_out``; without it PEFT sets that flag itself, with a warning,
-            when it meets a ``Conv1D``). Defaults to the live model's ``config.name_or_path``.
+        base_model_name_or_path: recorded in ``adapter_config.json``; defaults to the base the adapter directory
+            records (``kasa_trl.adapter_io.read_adapter_info``), or the live model's ``config.name_or_path``. For
+            a directory source, a base available locally (a directory or the Hub cache) is loaded and checked
+            against the adapter as ``load_kasa_adapter`` checks it (modules, shapes, base weights), and tells
+            which targets are ``Conv1D`` (``fan_in_fan_out``; without it PEFT sets that flag itself, with a
+            warning, when it meets a ``Conv1D``). A base other than the recorded one is refused unless
+            ``force_base``.
         pad_to_rank: pad every layer with zero rows/columns up to this rank (>= r + n), or ``"vllm"`` for the
             smallest rank vLLM accepts as ``--max-lora-rank`` (see ``VLLM_MAX_LORA_RANKS``). Padding is exact.
         dtype: dtype of the exported factors; default float32 (or the adapter's, if wider). Only float32 or
@@ -56,6 +60,8 @@ def export_lora(
         overwrite: replace an earlier kasa_trl output in ``out_dir``; a directory holding anything else, or an
             ``out_dir`` overlapping the adapter directory or a local base, is refused all the same
             (``integrations.peft.atomic``).
+        force_base: use ``base_model_name_or_path`` even though the adapter records another base (e.g. a local
+            copy of the recorded hub model); its weights are still checked.
 
     ``target_modules`` lists leaf names (``q_proj``), as vLLM expects. Where the adapter covers only some
     modules of a name, PEFT also wraps the others, with ``lora_B = 0``: no effect on the outputs.
@@ -64,9 +70,12 @@ def export_lora(
         ``out_dir`` as a ``Path``. The adapter's rank is ``max(r + n)`` over layers (``2 r`` with the paper's
         truncation), or ``pad_to_rank``; layers with a smaller ``r + n`` are zero-padded to it.
     """
-    inputs = source_inputs(adapter_dir_or_model, base_model_name_or_path)
+    base = base_model_name_or_path
+    if not isinstance(adapter_dir_or_model, nn.Module):
+        base = resolve_base(adapter_dir_or_model, base, force=force_base)
+    inputs = source_inputs(adapter_dir_or_model, base)
     check_output_dir(out_dir, overwrite=overwrite, inputs=inputs)
-    source = read_kasa_source(adapter_dir_or_model, base_model_name_or_path)
+    source = read_kasa_source(adapter_dir_or_model, base)
     config = source.config
     factors = {
         name: lora_export_factors(
