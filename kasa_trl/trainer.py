@@ -184,8 +184,9 @@ class KaSATrainerMixin:
         """As ``Trainer.train``, refusing what would train nothing or resume the wrong thing, before any change.
 
         Refused: a model with no trainable KaSA parameter (an adapter loaded with ``is_trainable=False``, the
-        default), merged or disabled KaSA layers, trainable parameters outside the adapter (the trainer saves only
-        the adapter); resuming from a checkpoint whose adapter was trained with other model settings (``r``,
+        default), merged or disabled KaSA layers, an optimizer without the adapter's parameters (trainable
+        parameters outside the adapter are a warning: the trainer saves only the adapter); resuming from a
+        checkpoint whose adapter was trained with other model settings (``r``,
         ``lora_alpha``, ``use_rslora``, ``base_mode``, ``truncation``, other layers or another truncation), and
         from one without optimizer, scheduler or RNG state unless ``save_only_model=True`` (then it is a warning:
         the optimizer starts fresh). ``resume_from_checkpoint=True`` takes the newest COMPLETE checkpoint

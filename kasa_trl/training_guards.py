@@ -28,9 +28,9 @@ def check_trainable(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
     """Refuse a model whose training would update nothing, or something the trainer does not save.
 
     Refused: no KaSA layers; merged or disabled ones; no trainable adapter parameter (an adapter loaded with
-    ``is_trainable=False``, the default); trainable parameters outside the adapter; an ``optimizer`` (given by the
-    caller, or made by a former ``train()``) that does not hold every trainable adapter parameter. A partly
-    frozen adapter is a warning.
+    ``is_trainable=False``, the default); an ``optimizer`` (given by the caller, or made by a former ``train()``)
+    that does not hold every trainable adapter parameter. Warnings: a partly frozen adapter; trainable parameters
+    outside the adapter (trained, but neither saved nor restored by the trainer).
     """
     layers = kasa_layers(model)
     if not layers:
@@ -63,11 +63,15 @@ def check_trainable(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
     ids = {id(param) for param in adapter.values()}
     others = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in ids]
     if others:
-        raise ValueError(
-            f"{len(others)} parameters outside the KaSA adapters are trainable ({abbreviate(others)}): the trainer "
-            "saves, checkpoints and resumes only the KaSA adapter, so their training would be lost. Freeze "
-            "them (param.requires_grad_(False)); kasa_trl.apply_kasa and load_kasa_adapter leave only the "
-            "adapter trainable"
+        # Allowed (a user may train a few modules alongside, as PEFT's modules_to_save does), but said loudly:
+        # nothing of the trainer's saves or restores them.
+        logger.warning(
+            "kasa_trl: %d parameters outside the KaSA adapters are trainable (%s): they are trained, but the "
+            "KaSA trainers save, checkpoint and resume only the adapter, so their trained values are not in "
+            "save_model's output nor restored on resume; save them yourself, or freeze them "
+            "(param.requires_grad_(False)) to train the adapter only",
+            len(others),
+            abbreviate(others),
         )
     if optimizer is not None:
         held = {id(param) for group in optimizer.param_groups for param in group["params"]}

@@ -169,15 +169,16 @@ def test_disabled_adapter_is_refused(tmp_path, tokenizer, dataset):
         )
 
 
-def test_trainable_parameters_outside_the_adapter_are_refused(tmp_path, tokenizer, dataset):
-    trainer = make_trainer(tmp_path / "out", tokenizer, dataset, kasa=KaSAConfig(**CONFIG))
-    trainer.model.model.norm.weight.requires_grad_(True)
-    refuses_to_train(
-        trainer,
-        tmp_path / "out",
-        ValueError,
-        r"1 parameters outside the KaSA adapters are trainable \(model\.norm\.weight\): the trainer saves, "
-        r"checkpoints and resumes only the KaSA adapter, so their training would be lost\. Freeze them",
+def test_trainable_parameters_outside_the_adapter_train_with_a_warning(tmp_path, tokenizer, dataset, caplog):
+    trainer = make_trainer(tmp_path / "out", tokenizer, dataset, kasa=KaSAConfig(**CONFIG), max_steps=1)
+    norm = trainer.model.model.norm.weight.requires_grad_(True)
+    before = norm.detach().clone()
+    with caplog.at_level(logging.WARNING, logger="kasa_trl.training_guards"):
+        trainer.train()
+    assert not torch.equal(norm, before)
+    assert (
+        "1 parameters outside the KaSA adapters are trainable (model.norm.weight): they are trained, but the KaSA "
+        "trainers save, checkpoint and resume only the adapter" in caplog.text
     )
 
 
