@@ -1,4 +1,4 @@
-"""Regenerate the tiny datasets shipped with kasa_trl: ``python kasa_trl/data/make_data.py``.
+"""Regenerate the tiny datasets shipped with kasa_trl: ``python kasa_trl/data/make_data.py`` (or ``python -m kasa_trl.data.make_data``).
 
 The output is deterministic (fixed seed, fixed fact tables), so re-running it rewrites identical files.
 Facts are short and templated so that a 64-wide, 2-layer model visibly learns them in a few hundred steps.
