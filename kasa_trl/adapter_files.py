@@ -14,6 +14,7 @@ reads back. Reading checks every header field and tensor before returning anythi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -107,19 +108,53 @@ def write_adapter(
     }
     if base_model_name_or_path:
         metadata[BASE_MODEL_KEY] = base_model_name_or_path
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
-    with directory_lock(directory, exclusive=True):
-        remove_stale_temporaries(directory, (ADAPTER_FILE, CONFIG_FILE))
-        # The copy goes first and comes back last: a save killed in between leaves no copy, never a disagreeing one.
-        (directory / CONFIG_FILE).unlink(missing_ok=True)
-        fsync_directory(directory)
-        atomic_write(directory / ADAPTER_FILE, lambda path: save_file(tensors, str(path), metadata=metadata))
-        atomic_write(
-            directory / CONFIG_FILE,
-            lambda path: path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"),
-        )
-        fsync_directory(directory)
+    try:
+        with directory_lock(directory, exclusive=True):
+            remove_stale_temporaries(directory, (ADAPTER_FILE, CONFIG_FILE))
+            _replace_adapter(directory, tensors, metadata, config)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):  # only if empty
+                directory.rmdir()
+        raise
     return directory
+
+
+def _replace_adapter(
+    directory: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], config: KaSAConfig
+) -> None:
+    """Replace both files. The copy goes first and comes back last: a save killed in between leaves no copy,
+    never one that disagrees; a save that fails before replacing the adapter file puts the previous copy back."""
+    copy = directory / CONFIG_FILE
+    try:
+        previous = copy.read_bytes()
+    except FileNotFoundError:
+        previous = None
+    adapter = directory / ADAPTER_FILE
+    before = _identity(adapter)
+    copy.unlink(missing_ok=True)
+    fsync_directory(directory)
+    try:
+        atomic_write(adapter, lambda path: save_file(tensors, str(path), metadata=metadata))
+    except BaseException:
+        if previous is not None and _identity(adapter) == before:  # the previous adapter is still there
+            with contextlib.suppress(Exception):
+                atomic_write(copy, lambda path: path.write_bytes(previous))
+        raise
+    atomic_write(
+        copy, lambda path: path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    )
+    fsync_directory(directory)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 # --- reading -----------------------------------------------------------------------------------------------------

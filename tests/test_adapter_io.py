@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from kasa_trl import (
     KaSAConfig,
+    adapter_files,
     apply_kasa,
     kasa_layers,
     load_kasa_adapter,
@@ -159,10 +160,27 @@ def test_failed_save_keeps_previous_adapter(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_kasa_adapter(model, tmp_path)
     assert (tmp_path / ADAPTER_FILE).read_bytes() == good
-    # kasa_config.json is removed before the adapter file is replaced and written back after: a save killed in
-    # between leaves no copy, never one that disagrees with the adapter file.
-    assert sorted(p.name for p in tmp_path.iterdir()) == [ADAPTER_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ADAPTER_FILE, CONFIG_FILE]  # the copy put back
     load_kasa_adapter(build_tiny_llama(VOCAB), tmp_path)
+    # A save into a new directory that fails leaves no directory behind.
+    with pytest.raises(KeyboardInterrupt):
+        save_kasa_adapter(model, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    # Killed between the two files: no copy, never one that disagrees with the adapter file.
+    monkeypatch.undo()
+    real_write = adapter_files.atomic_write
+
+    def killed_after_the_adapter(target, write):
+        real_write(target, write)
+        if target.name == ADAPTER_FILE:
+            raise KeyboardInterrupt("killed between the two files")
+
+    monkeypatch.setattr(adapter_files, "atomic_write", killed_after_the_adapter)
+    with pytest.raises(KeyboardInterrupt):
+        save_kasa_adapter(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ADAPTER_FILE]
+    loaded = load_kasa_adapter(build_tiny_llama(VOCAB), tmp_path)
+    assert torch.equal(kasa_layers(loaded)[LAST].lora_A, kasa_layers(model)[LAST].lora_A)  # the new adapter
 
 
 def test_config_file_unknown_key_and_future_version(tmp_path):
@@ -442,7 +460,8 @@ def test_base_model_name_is_recorded(tmp_path):
     info = read_adapter_info(tmp_path / "a")
     assert info.base_model_name_or_path == str(tmp_path / "base")
     assert (
-        info.config == KaSAConfig(r=2)
+        info.config.r == 2
+        and info.config.base_mode == "in_place"
         and len(info.layers) == 14
         and info.path == tmp_path / "a" / ADAPTER_FILE
     )
