@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kasa_trl.adapter_io import read_adapter, read_adapter_info, verify_adapter_base
+from kasa_trl.adapter_io import model_name_or_path, read_adapter, read_adapter_info, verify_adapter_base
 from kasa_trl.config import KaSAConfig
 from kasa_trl.model import get_kasa_config, kasa_layers
 
@@ -79,7 +79,7 @@ def _from_model(model: nn.Module, base_model_name_or_path: str | None) -> KaSASo
     }
     conv1d = {name: layer.fan_in_fan_out for name, layer in layers.items()}
     if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+        base_model_name_or_path = model_name_or_path(model)
     return KaSASource(config, tensors, conv1d, base_model_name_or_path, None)
 
 
@@ -120,7 +120,7 @@ def source_inputs(
     """What an export reads, by role, for ``atomic.check_no_overlap``: the adapter directory and a local base."""
     base = base_model_name_or_path
     if base is None and isinstance(source, nn.Module):
-        base = getattr(getattr(source, "config", None), "name_or_path", None)
+        base = model_name_or_path(source)
     return {
         "adapter directory": None if isinstance(source, nn.Module) else source,
         "base model directory": base

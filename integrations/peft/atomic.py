@@ -60,7 +60,7 @@ def check_no_overlap(output: str | os.PathLike, inputs: Mapping[str, str | os.Pa
         if given is None:
             continue
         for path, shown in _input_members(Path(given)):
-            if target == path:
+            if target == path or _same_file(target, path):  # the same directory through a bind mount, say
                 relation = "is"
             elif path.is_relative_to(target):
                 relation = "contains"
@@ -101,6 +101,13 @@ def check_output_dir(
             )
         _check_replaceable(target, shown=str(out_dir))
     return target
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
 
 
 def _input_members(root: Path) -> Iterator[tuple[Path, str]]:

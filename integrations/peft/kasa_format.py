@@ -42,7 +42,7 @@ def import_peft_kasa(
     peft_adapter: str | os.PathLike | nn.Module,
     *,
     adapter_name: str | None = None,
-    base_mode: str = "in_place",
+    base_mode: str = "auto",
     decomposition_method: str = "auto",
 ) -> nn.Module:
     """Rebuild a PEFT KaSA adapter as kasa_trl KaSA layers on ``model``, an untouched copy of its base.
@@ -52,7 +52,7 @@ def import_peft_kasa(
         peft_adapter: a directory written by ``PeftModel.save_pretrained``, or a live ``PeftModel`` whose
             adapter is read (its own base, already truncated by PEFT, is not used).
         adapter_name: which adapter of a live ``PeftModel`` (default: its active adapter); ignored for a directory.
-        base_mode: kasa_trl's ``base_mode`` for the new layers.
+        base_mode: kasa_trl's ``base_mode`` for the new layers (default ``"auto"``, as ``KaSAConfig``).
         decomposition_method: kasa_trl's ``decomposition_method`` for the truncation.
 
     The config is mapped by ``kasa_trl.peft_compat.kasa_config_from_lora`` (every LoraConfig option honoured or
