@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import math
 import os
 import sys
 import warnings
@@ -42,16 +41,19 @@ from transformers.trainer_callback import CallbackHandler
 from .decomposition import factor_singular_values, orthogonality_error
 from .layer import KaSALinear
 from .model import kasa_layers
+from .spectrum_plots import FINAL_PNG, OVER_STEPS_PNG, save_spectrum_plots
+
+__all__ = [
+    "FINAL_PNG",
+    "JSONL_NAME",
+    "OVER_STEPS_PNG",
+    "SPECTRUM_PREFIX",
+    "SpectrumCallback",
+    "pop_spectrum_scalars",
+]
 
 SPECTRUM_PREFIX = "kasa/spectrum"
 JSONL_NAME = "kasa_spectrum.jsonl"
-OVER_STEPS_PNG = "kasa_spectrum_over_steps.png"
-FINAL_PNG = "kasa_spectrum_final.png"
-
-_DPI = 100
-_PANEL_INCHES = (3.0, 2.2)  # one panel per layer in the over-steps grid
-_FINAL_INCHES = (8.0, 5.0)
-_MAX_PANELS = 64
 # Wrappers whose ``attr`` holds the model the Trainer built (matched by name: importing DeepSpeed costs seconds).
 _WRAPPERS = {"DeepSpeedEngine": "module", "DistributedDataParallel": "module", "DataParallel": "module"}
 
@@ -69,10 +71,12 @@ class SpectrumCallback(TrainerCallback):
     - one JSON line per record in ``jsonl_path``: ``{"step", "epoch", "layers": {name: {"lora_diag": [r],
       "singular_values": [r], "orthogonality_A", "orthogonality_B", "update_norm"}}}``, flushed each time
       (truncated when training starts from step 0, appended to when resuming).
-    - at the end of training ``kasa_spectrum_over_steps.png`` (a grid, one 3 x 2.2 in panel per layer, up to
-      64 layers, ``ceil(sqrt(n))`` columns: each ``|lora_diag_i|`` over steps) and ``kasa_spectrum_final.png``
-      (8 x 5 in: the final sorted effective singular values of every layer), both at 100 dpi, from this run's
-      records; needs matplotlib, skipped with a warning otherwise.
+    - at the end of training ``kasa_spectrum_over_steps.png`` (mean ``|sigma|``, ``||dW||_F`` and the
+      orthogonality errors of every layer over steps) and ``kasa_spectrum_final.png`` (the final effective
+      singular values: a layer x index heat map and a profile), both summarized over layers (median, 10-90%
+      band, min-max, the extreme layers named) so they read alike at 14 and at 200 layers; 1300 x 420 and
+      1300 x 520 pixels, from this run's records (``kasa_trl.spectrum_plots``). Needs matplotlib, skipped with
+      a warning otherwise.
 
     Args:
         every_n_steps: record every n optimizer steps. Default: whenever the trainer logs (``logging_steps``,
@@ -107,8 +111,9 @@ class SpectrumCallback(TrainerCallback):
         self._scalars: dict[str, float] = {}  # of the pending record, until a trainer's log() consumes them
         self._pending: dict[str, Any] | None = None  # awaits on_log: histograms, fallback scalars
         self._last_step = -1
-        self._diag_history: list[tuple[int, dict[str, np.ndarray]]] = []  # (step, |lora_diag| per layer)
-        self._final_layers: dict[str, dict[str, Any]] = {}
+        self._history: list[
+            tuple[int, dict[str, dict[str, Any]]]
+        ] = []  # (step, record["layers"]) for the plots
 
     def consume_scalars(self) -> dict[str, float]:
         """The scalars of the latest record not yet logged, and forget them; ``{}`` if none.
@@ -121,7 +126,7 @@ class SpectrumCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._handler = _calling_callback_handler()
         self._scalars, self._pending, self._last_step = {}, None, -1
-        self._diag_history, self._final_layers = [], {}
+        self._history = []
         if state.is_world_process_zero and state.global_step == 0:
             path = self._jsonl_file(args)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,9 +156,12 @@ class SpectrumCallback(TrainerCallback):
         if state.global_step > 0 and self._last_step != state.global_step:
             self._record(args, state, kwargs.get("model"))
             self._scalars, self._pending = {}, None
-        if self.plots and state.is_world_process_zero and self._diag_history:
+        if self.plots and state.is_world_process_zero and self._history:
             try:
-                _save_plots(self._diag_history, self._final_layers, Path(args.output_dir))
+                if not save_spectrum_plots(self._history, args.output_dir):
+                    warnings.warn(
+                        "matplotlib is not installed: SpectrumCallback skips its pictures", stacklevel=2
+                    )
             except Exception as exc:  # an observer's pictures must never cost the run (save_model comes next)
                 warnings.warn(f"SpectrumCallback could not draw its pictures: {exc!r}", stacklevel=2)
 
@@ -173,9 +181,8 @@ class SpectrumCallback(TrainerCallback):
         self._last_step = state.global_step
         self._scalars = _summary_scalars(record["layers"], self.per_layer_scalars)
         self._pending = record
-        self._final_layers = record["layers"]
-        diag = {n: np.abs(np.asarray(v["lora_diag"], dtype=np.float32)) for n, v in record["layers"].items()}
-        self._diag_history.append((state.global_step, diag))
+        if state.is_world_process_zero and self.plots:
+            self._history.append((state.global_step, record["layers"]))
         if state.is_world_process_zero:
             with self._jsonl_file(args).open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
@@ -346,67 +353,3 @@ def _calling_callback_handler() -> CallbackHandler | None:
         return None
     finally:
         del frame
-
-
-def _save_plots(
-    diag_history: list[tuple[int, dict[str, np.ndarray]]],
-    final_layers: dict[str, dict[str, Any]],
-    out_dir: Path,
-) -> None:
-    try:  # the Agg canvas directly: no pyplot, so no global backend switch in the user's process
-        from matplotlib import colormaps
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
-        warnings.warn("matplotlib is not installed: SpectrumCallback skips its pictures", stacklevel=2)
-        return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    steps = [step for step, _ in diag_history]
-    names = list(diag_history[-1][1])
-    if len(names) > _MAX_PANELS:  # evenly spaced layers, first and last included
-        shown = [names[i] for i in np.linspace(0, len(names) - 1, _MAX_PANELS).round().astype(int)]
-    else:
-        shown = names
-    ncols = math.ceil(math.sqrt(len(shown)))
-    nrows = math.ceil(len(shown) / ncols)
-    # Fixed margins (in inches): constrained layout costs seconds on a grid of many panels.
-    width, height = ncols * _PANEL_INCHES[0], nrows * _PANEL_INCHES[1]
-    fig = Figure(figsize=(width, height), dpi=_DPI)
-    fig.subplots_adjust(
-        left=0.4 / width,
-        right=1 - 0.1 / width,
-        bottom=0.3 / height,
-        top=1 - 0.6 / height,
-        hspace=0.45,
-        wspace=0.3,
-    )
-    FigureCanvasAgg(fig)
-    for i, name in enumerate(shown):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
-        trajectory = np.stack([diag[name] for _, diag in diag_history])  # (steps, r)
-        ax.plot(steps, trajectory, marker="o" if len(steps) == 1 else None, markersize=3, linewidth=1)
-        ax.set_title(".".join(name.split(".")[-3:]), fontsize=7)
-        ax.tick_params(labelsize=6)
-    suffix = f" ({len(shown)} of {len(names)} layers)" if len(shown) < len(names) else ""
-    fig.suptitle(f"KaSA learned singular values |lora_diag| over steps{suffix}", fontsize=9)
-    fig.savefig(out_dir / OVER_STEPS_PNG, dpi=_DPI)
-
-    fig = Figure(figsize=_FINAL_INCHES, dpi=_DPI)
-    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.1, top=0.93)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    cmap = colormaps["viridis"]
-    for i, (name, layer) in enumerate(final_layers.items()):
-        values = sorted(layer["singular_values"], reverse=True)
-        color = cmap(i / max(1, len(final_layers) - 1))
-        ax.plot(
-            range(1, len(values) + 1), values, marker="o", markersize=3, linewidth=1, color=color, label=name
-        )
-    if len(final_layers) <= 16:
-        ax.legend(fontsize=6)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("index (sorted)")
-    ax.set_ylabel("singular value of scaling * B diag(sigma) A")
-    ax.set_title(f"KaSA effective spectrum per layer at step {diag_history[-1][0]} (color: layer order)")
-    fig.savefig(out_dir / FINAL_PNG, dpi=_DPI)

@@ -12,7 +12,7 @@ import torch
 from transformers import TrainerControl, TrainerState
 from trl import SFTConfig, SFTTrainer
 
-from kasa_trl import KaSAConfig, apply_kasa, kasa_layers
+from kasa_trl import KaSAConfig, apply_kasa, kasa_layers, spectrum_plots
 from kasa_trl.callbacks import FINAL_PNG, JSONL_NAME, OVER_STEPS_PNG, SpectrumCallback, pop_spectrum_scalars
 from kasa_trl.tiny import build_tiny_llama, build_tokenizer, load_tiny_dataset
 
@@ -187,12 +187,64 @@ def test_pictures(merged_run):
     import matplotlib.image
 
     _, out = merged_run
-    # Documented layout at 100 dpi: 3 x 2.2 in panels on a ceil(sqrt(4)) = 2 column grid; 8 x 5 in.
-    assert png_size(out / OVER_STEPS_PNG) == (2 * 300, 2 * 220)
-    assert png_size(out / FINAL_PNG) == (800, 500)
+    # Documented sizes at 100 dpi: 13 x 4.2 in and 13 x 5.2 in, whatever the number of layers.
+    assert png_size(out / OVER_STEPS_PNG) == (1300, 420)
+    assert png_size(out / FINAL_PNG) == (1300, 520)
     for name in (OVER_STEPS_PNG, FINAL_PNG):
         assert (out / name).stat().st_size > 10_000
         assert matplotlib.image.imread(out / name)[..., :3].std() > 0.05  # something was drawn
+
+
+def synthetic_history(n_layers, r=4, steps=(0, 5, 10)):
+    names = [f"model.layers.{i // 2}.{('q_proj', 'v_proj')[i % 2]}" for i in range(n_layers)]
+    return [
+        (
+            step,
+            {
+                name: {
+                    "lora_diag": [(j + 1) * (1 + step)] * r,
+                    "singular_values": [float(j + k) for k in range(r)],
+                    "orthogonality_A": 1.0 / (1 + step),
+                    "orthogonality_B": 2.0,
+                    "update_norm": float(j * step),
+                }
+                for j, name in enumerate(names)
+            },
+        )
+        for step in steps
+    ]
+
+
+def test_picture_summaries_are_exact():
+    stats = spectrum_plots.band_over_layers(np.array([[0.0, 1.0], [10.0, 1.0], [20.0, np.nan]]))
+    np.testing.assert_allclose(stats["median"], [10.0, 1.0])
+    np.testing.assert_allclose(stats["low"], [2.0, 1.0])  # 10th percentile, linear interpolation
+    np.testing.assert_allclose(stats["high"], [18.0, 1.0])
+    np.testing.assert_allclose(stats["min"], [0.0, 1.0])
+    np.testing.assert_allclose(stats["max"], [20.0, 1.0])
+    assert spectrum_plots.extreme_layers(["a", "b", "c"], np.array([1.0, np.nan, -2.0])) == (0, 2)
+    assert spectrum_plots.short_names(["model.layers.0.q_proj", "model.layers.1.mlp.up"]) == [
+        "0.q_proj",
+        "1.mlp.up",
+    ]
+    assert spectrum_plots.short_names(["model.layers.0.q_proj"]) == ["model.layers.0.q_proj"]
+
+    names, series = spectrum_plots.over_steps_series(synthetic_history(3))
+    assert names == ["model.layers.0.q_proj", "model.layers.0.v_proj", "model.layers.1.q_proj"]
+    np.testing.assert_allclose(series["mean_abs_sigma"][:, 2], [3.0, 18.0, 33.0])  # (steps, layers)
+    np.testing.assert_allclose(series["update_norm"][-1], [0.0, 10.0, 20.0])
+    _, matrix = spectrum_plots.final_matrix(
+        {"a": {"singular_values": [1.0, 3.0]}, "b": {"singular_values": [2.0]}}
+    )
+    np.testing.assert_array_equal(matrix, [[3.0, 1.0], [2.0, np.nan]])  # sorted largest first, NaN-padded
+
+
+@pytest.mark.parametrize("n_layers", [1, 14, 200])
+def test_pictures_keep_their_size_at_any_depth(tmp_path, n_layers):
+    """One layer, a small model, a deep one: the same two pictures (summaries, not one line per layer)."""
+    assert spectrum_plots.save_spectrum_plots(synthetic_history(n_layers), tmp_path)
+    assert png_size(tmp_path / OVER_STEPS_PNG) == (1300, 420)
+    assert png_size(tmp_path / FINAL_PNG) == (1300, 520)
 
 
 def test_plain_trainer_falls_back_to_the_writers(plain_run):
