@@ -119,8 +119,9 @@ def _input_members(root: Path) -> Iterator[tuple[Path, str]]:
     for dirpath, dirnames, filenames in os.walk(resolved):
         for name in dirnames + filenames:
             entry = Path(dirpath, name)
-            real = entry.resolve()
-            if real != entry:  # a symbolic link somewhere on the way: its target is an input too
+            # os.walk does not enter linked directories, so only a link itself can lead elsewhere.
+            if entry.is_symlink():
+                real = entry.resolve()
                 yield real, f"{real} (reached through {entry})"
 
 
