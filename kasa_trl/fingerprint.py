@@ -36,7 +36,7 @@ TOLERANCE = 0.02
 
 def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
     """Fingerprint of ``weight`` (out, in): float64 (N_PROBES + 1,) = projections and the Frobenius norm."""
-    return _fingerprint64(weight.detach().to(torch.float64))
+    return _probe(weight, None)[0]
 
 
 @dataclass(frozen=True)
@@ -73,21 +73,20 @@ def base_deviation(
     """Compare ``weight`` (out, in) with the base described by its saved ``fingerprint`` (N_PROBES + 1,) and the
     removed factors ``removed_left`` (out, n) = ``U_n S_n`` and ``removed_right`` (n, in) = ``V_n^T``.
 
-    Computed in float64 on ``weight``'s device: one (out, in) x (in, N_PROBES + n) product.
+    Computed on ``weight``'s device in its dtype promoted to at least float32 (rounding errors ~1e-6 of the
+    tolerance's scale): one (out, in) x (in, N_PROBES + n) product.
     """
-    w = weight.detach().to(torch.float64)
-    out_features, in_features = w.shape
-    current = _fingerprint64(w)
+    out_features, in_features = weight.shape
+    current, carried = _probe(weight, removed_right)  # carried (out, n): W v_i
     saved = fingerprint.detach().to(torch.float64).cpu()
     norm = max(float(saved[-1]), float(current[-1]))
     rms = norm / math.sqrt(out_features * in_features)
     projections = _relative(float((current[:-1] - saved[:-1]).abs().max()), rms)
     norm_change = _relative(abs(float(current[-1]) - float(saved[-1])), norm)
 
-    left = removed_left.detach().to(w.device, torch.float64)  # (out, n)
-    right = removed_right.detach().to(w.device, torch.float64)  # (n, in)
+    left = removed_left.detach().to(carried.device, torch.float64)  # (out, n)
     s = torch.linalg.vector_norm(left, dim=0)  # (n,) the removed singular values
-    carried = (left * (w @ right.T)).sum(dim=0)  # (n,) s_i u_i^T W v_i
+    carried = (left * carried).sum(dim=0)  # (n,) s_i u_i^T W v_i
     kept = s > 0  # a zero singular value has no left direction to test (and removes nothing)
     if not bool(kept.any()):
         return BaseDeviation(projections, norm_change, 0.0, 1.0)
@@ -97,13 +96,22 @@ def base_deviation(
     return BaseDeviation(projections, norm_change, removed, removed_kept)
 
 
-def _fingerprint64(w: torch.Tensor) -> torch.Tensor:
+def _probe(weight: torch.Tensor, removed_right: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fingerprint of ``weight`` (out, in) and, in the same product, ``W @ removed_right^T`` (out, n) in
+    float64 (n = 0 without ``removed_right``)."""
+    w = weight.detach()
+    w = w.to(torch.promote_types(w.dtype, torch.float32))
     out_features, in_features = w.shape
     gen = torch.Generator(device="cpu").manual_seed(0x4B615341)  # "KaSA"
-    right = torch.randn(in_features, N_PROBES, generator=gen, dtype=torch.float64).to(w.device)
-    left = torch.randn(out_features, N_PROBES, generator=gen, dtype=torch.float64).to(w.device)
-    projections = (left * (w @ right)).sum(dim=0) / (out_features * in_features) ** 0.5  # (N_PROBES,)
-    return torch.cat([projections, torch.linalg.matrix_norm(w).reshape(1)]).cpu()
+    probe_right = torch.randn(in_features, N_PROBES, generator=gen, dtype=torch.float64)
+    probe_left = torch.randn(out_features, N_PROBES, generator=gen, dtype=torch.float64).to(w.device)
+    columns = probe_right
+    if removed_right is not None:
+        columns = torch.cat([probe_right, removed_right.detach().to(torch.float64).cpu().T], dim=1)
+    products = (w @ columns.to(w.device, w.dtype)).to(torch.float64)  # (out, N_PROBES + n)
+    projections = (probe_left * products[:, :N_PROBES]).sum(dim=0) / math.sqrt(out_features * in_features)
+    norm = torch.linalg.vector_norm(w).to(torch.float64).reshape(1)
+    return torch.cat([projections, norm]).cpu(), products[:, N_PROBES:]
 
 
 def _relative(difference: float, scale: float) -> float:
