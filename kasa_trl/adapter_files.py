@@ -96,6 +96,11 @@ def write_adapter(
             f"{type(base_model_name_or_path).__name__}"
         )
     where = f"not saving the adapter to {directory}"
+    if not isinstance(tensors, Mapping) or not all(
+        isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in tensors.items()
+    ):
+        raise TypeError(f"{where}: tensors must map names to torch.Tensor (as adapter_state_dict returns)")
+    tensors = {key: t.detach().cpu().contiguous() for key, t in tensors.items()}
     layers = sorted({key.rsplit(".", 1)[0] for key in tensors})
     _check_layout(
         {key: (t.dtype, tuple(t.shape)) for key, t in tensors.items()}, layers, config, where, for_saving=True
@@ -192,11 +197,11 @@ def _existing_directory(directory: str | os.PathLike) -> Path:
         raise TypeError(f"adapter directory must be a str or a path, got {type(directory).__name__}")
     path = Path(directory) / ADAPTER_FILE
     if not path.is_file():
-        hint = (
-            " (it holds a PEFT adapter: see integrations/peft)"
-            if (Path(directory) / "adapter_config.json").is_file()
-            else ""
-        )
+        hint = ""
+        if (Path(directory) / "adapter_config.json").is_file():
+            hint = " (it holds a PEFT adapter: see integrations/peft)"
+        elif Path(directory).is_file():
+            hint = f" ({directory} is a file: pass the directory that holds {ADAPTER_FILE})"
         raise FileNotFoundError(f"no KaSA adapter at {directory}: {ADAPTER_FILE} is missing{hint}")
     return Path(directory)
 
@@ -221,8 +226,14 @@ def _read_header(directory: str | os.PathLike) -> tuple[AdapterInfo, dict[str, S
             f"{path} is corrupt or truncated ({e}); re-save the adapter or restore a copy"
         ) from e
     if metadata.get("format") != FORMAT:
+        newer = str(metadata.get("format", "")).startswith(FORMAT.rsplit(".", 1)[0] + ".")
         raise ValueError(
             f"{path} is not a kasa_trl adapter (format {metadata.get('format')!r}, expected {FORMAT!r})"
+            + (
+                "; it was written by another version of kasa_trl: upgrade kasa_trl to read it"
+                if newer
+                else ""
+            )
         )
     config_dict = _json_field(metadata, "kasa_config", path, dict, "a JSON object (the KaSA config)")
     config = _config_from_dict(config_dict, path)

@@ -10,7 +10,6 @@ decomposition runs, and the result is bit-identical on any hardware.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from pathlib import Path
 
@@ -268,7 +267,7 @@ def _check_base_weights(
     if not mismatched:
         return
     name, deviation = next(iter(mismatched.items()))
-    if any(math.isnan(v) for v in (deviation.projections, deviation.norm, deviation.removed)):
+    if not bool(torch.isfinite(base_weight(modules[name])).all()):
         detail = "its weights hold NaN/Inf: check the base checkpoint"
     elif deviation.already_truncated:
         detail = (

@@ -527,3 +527,31 @@ def test_stale_temporaries_are_removed_only_when_provably_stale(tmp_path):
     assert not stale.exists()
     assert all(p.exists() for p in (running, elsewhere, old_style, unrelated))
     load_kasa_adapter(build_tiny_llama(VOCAB), tmp_path)  # ignored when loading
+
+
+def test_more_mistakes_get_a_message_naming_the_fix(adapter, tmp_path):
+    with pytest.raises(
+        FileNotFoundError, match=r"is a file: pass the directory that holds kasa_adapter\.safetensors"
+    ):
+        load_kasa_adapter(build_tiny_llama(VOCAB, seed=0), adapter / ADAPTER_FILE)
+    _rewrite(adapter, lambda t: None, lambda m: m.update({"format": "kasa_trl.adapter.v2"}))
+    with pytest.raises(
+        ValueError, match=r"written by another version of kasa_trl: upgrade kasa_trl to read it"
+    ):
+        read_adapter_info(adapter)
+    with pytest.raises(TypeError, match=r"tensors must map names to torch\.Tensor"):
+        write_adapter(tmp_path / "x", {"proj.lora_A": [1.0]}, KaSAConfig(r=2))
+    assert not (tmp_path / "x").exists()
+
+
+def test_non_finite_base_weight_is_named(tmp_path):
+    save_kasa_adapter(apply_kasa(build_tiny_llama(VOCAB, seed=0), KaSAConfig(r=2)), tmp_path)
+    base = build_tiny_llama(VOCAB, seed=0)
+    with torch.no_grad():
+        base.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    before = _state(base)
+    with pytest.raises(
+        ValueError, match=r"the weight of model\.layers\.1\.mlp\.up_proj differs .*its weights hold NaN/Inf"
+    ):
+        load_kasa_adapter(base, tmp_path)
+    _assert_unchanged(base, before)
