@@ -482,8 +482,10 @@ def _module_slots(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     """``id(module)`` -> every ``(parent, attribute)`` that holds it: all the names of a module."""
     slots: dict[int, list[tuple[nn.Module, str]]] = {}
     for parent in model.modules():
-        for key, child in parent.named_children():
-            slots.setdefault(id(child), []).append((parent, key))
+        # _modules, not named_children(), which lists a child registered twice in one parent once.
+        for key, child in parent._modules.items():
+            if child is not None:
+                slots.setdefault(id(child), []).append((parent, key))
     return slots
 
 

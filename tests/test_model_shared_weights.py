@@ -172,6 +172,15 @@ def test_module_registered_twice_gets_one_layer_under_both_names(base_mode, targ
     torch.testing.assert_close(model(x), adapted, rtol=1e-12, atol=1e-12)
 
 
+def test_module_registered_twice_in_one_parent_gets_the_layer_under_both_names():
+    model = nn.Module()
+    model.x = model.y = nn.Linear(6, 6)
+    apply_kasa(model, KaSAConfig(r=2))
+    assert isinstance(model.x, KaSALinear) and model.y is model.x
+    unload(model)
+    assert type(model.x) is nn.Linear and model.y is model.x
+
+
 def test_module_registered_twice_unloads_under_both_names():
     model = _Aliased()
     weight = model.first.weight.detach().clone()
