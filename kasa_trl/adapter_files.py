@@ -206,9 +206,8 @@ def _existing_directory(directory: str | os.PathLike) -> Path:
     return Path(directory)
 
 
-Spec = tuple[
-    torch.dtype | str, tuple[int, ...]
-]  # a tensor's dtype (its header name if unsupported) and shape
+# A tensor's dtype (its header name if torch has none) and shape, as the header gives them.
+Spec = tuple[torch.dtype | str, tuple[int, ...]]
 
 
 def _read_header(directory: str | os.PathLike) -> tuple[AdapterInfo, dict[str, Spec]]:
@@ -238,15 +237,10 @@ def _read_header(directory: str | os.PathLike) -> tuple[AdapterInfo, dict[str, S
     config_dict = _json_field(metadata, "kasa_config", path, dict, "a JSON object (the KaSA config)")
     config = _config_from_dict(config_dict, path)
     layers = _json_field(metadata, "layers", path, list, "a JSON list of module names")
-    bad = [name for name in layers if not isinstance(name, str) or not all(name.split("."))]
-    if bad:
-        raise ValueError(
-            f"{path}: metadata field 'layers' holds {bad[:3]!r}, not module names; re-save the adapter"
-        )
-    duplicates = sorted({name for name in layers if layers.count(name) > 1})
+    duplicates = sorted({name for name in layers if isinstance(name, str) and layers.count(name) > 1})
     if duplicates:
         raise ValueError(f"{path}: metadata field 'layers' lists {duplicates[:3]} twice; re-save the adapter")
-    base = metadata.get(BASE_MODEL_KEY)
+    base = metadata.get(BASE_MODEL_KEY)  # other metadata keys are ignored: room for fields added later
     _check_layout(specs, layers, config, str(path), for_saving=False)
     _check_config_copy(Path(directory) / CONFIG_FILE, config_dict, path)
     return AdapterInfo(path, config, tuple(sorted(layers)), base or None), specs
@@ -330,6 +324,9 @@ def _check_layout(
     redo = "" if for_saving else "; re-save the adapter"
     if not layers:
         raise ValueError(f"{where}: the adapter holds no KaSA layers{redo}")
+    bad = [name for name in layers if not isinstance(name, str) or not all(name.split("."))]
+    if bad:
+        raise ValueError(f"{where}: the layer list holds {bad[:3]!r}, not module names{redo}")
     expected_keys = {f"{name}.{key}" for name in layers for key in TENSOR_KEYS}
     for name in layers:
         missing = [key for key in TENSOR_KEYS if f"{name}.{key}" not in specs]

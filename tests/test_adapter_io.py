@@ -534,6 +534,7 @@ def test_more_mistakes_get_a_message_naming_the_fix(adapter, tmp_path):
         FileNotFoundError, match=r"is a file: pass the directory that holds kasa_adapter\.safetensors"
     ):
         load_kasa_adapter(build_tiny_llama(VOCAB, seed=0), adapter / ADAPTER_FILE)
+    tensors = {f"a..b.{k}": t for k, t in read_adapter(adapter)[1][LAST].items()}
     _rewrite(adapter, lambda t: None, lambda m: m.update({"format": "kasa_trl.adapter.v2"}))
     with pytest.raises(
         ValueError, match=r"written by another version of kasa_trl: upgrade kasa_trl to read it"
@@ -541,6 +542,10 @@ def test_more_mistakes_get_a_message_naming_the_fix(adapter, tmp_path):
         read_adapter_info(adapter)
     with pytest.raises(TypeError, match=r"tensors must map names to torch\.Tensor"):
         write_adapter(tmp_path / "x", {"proj.lora_A": [1.0]}, KaSAConfig(r=2))
+    with pytest.raises(
+        ValueError, match=r"not saving the adapter to .*: the layer list holds \['a\.\.b'\], not module"
+    ):
+        write_adapter(tmp_path / "x", tensors, KaSAConfig(r=2))
     assert not (tmp_path / "x").exists()
 
 
