@@ -74,7 +74,8 @@ def base_deviation(
     removed factors ``removed_left`` (out, n) = ``U_n S_n`` and ``removed_right`` (n, in) = ``V_n^T``.
 
     Computed on ``weight``'s device in its dtype promoted to at least float32 (rounding errors ~1e-6 of the
-    tolerance's scale): one (out, in) x (in, N_PROBES + n) product.
+    tolerance's scale; float64 where float32 products are set to run at reduced precision): one
+    (out, in) x (in, N_PROBES + n) product.
     """
     out_features, in_features = weight.shape
     current, carried = _probe(weight, removed_right)  # carried (out, n): W v_i
@@ -100,7 +101,7 @@ def _probe(weight: torch.Tensor, removed_right: torch.Tensor | None) -> tuple[to
     """The fingerprint of ``weight`` (out, in) and, in the same product, ``W @ removed_right^T`` (out, n) in
     float64 (n = 0 without ``removed_right``)."""
     w = weight.detach()
-    w = w.to(torch.promote_types(w.dtype, torch.float32))
+    w = w.to(_compute_dtype(w))
     out_features, in_features = w.shape
     gen = torch.Generator(device="cpu").manual_seed(0x4B615341)  # "KaSA"
     probe_right = torch.randn(in_features, N_PROBES, generator=gen, dtype=torch.float64)
@@ -112,6 +113,16 @@ def _probe(weight: torch.Tensor, removed_right: torch.Tensor | None) -> tuple[to
     projections = (probe_left * products[:, :N_PROBES]).sum(dim=0) / math.sqrt(out_features * in_features)
     norm = torch.linalg.vector_norm(w).to(torch.float64).reshape(1)
     return torch.cat([projections, norm]).cpu(), products[:, N_PROBES:]
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """float32 (float64 for float64 weights) when float32 products run at full precision; float64 where they may
+    be rounded to TF32 or bf16 (``torch.set_float32_matmul_precision``, ``allow_tf32``), which would eat into the
+    tolerance."""
+    reduced = torch.get_float32_matmul_precision() != "highest" or (
+        weight.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    )
+    return torch.float64 if reduced else torch.promote_types(weight.dtype, torch.float32)
 
 
 def _relative(difference: float, scale: float) -> float:

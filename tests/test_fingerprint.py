@@ -125,3 +125,39 @@ def test_fingerprint_shape_and_stability():
     assert fingerprint.dtype == torch.float64 and fingerprint.shape == (N_PROBES + 1,)
     assert torch.equal(fingerprint, weight_fingerprint(weight.clone()))
     assert float(fingerprint[-1]) == pytest.approx(float(torch.linalg.matrix_norm(weight.double())))
+
+
+def test_reduced_precision_float32_products_do_not_eat_the_tolerance():
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randn(256, 256, generator=gen) * 0.02
+    left, right = minor_components(weight, 16)
+    fingerprint = weight_fingerprint(weight)
+    exact = base_deviation(weight.bfloat16(), fingerprint, left, right)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")  # may run float32 products in bf16
+    try:
+        reduced = base_deviation(weight.bfloat16(), fingerprint, left, right)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert reduced.projections == pytest.approx(exact.projections, abs=1e-5)
+    assert reduced.removed == pytest.approx(exact.removed, abs=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (TF32 products)")
+def test_cuda_with_tf32_agrees_with_cpu():
+    gen = torch.Generator().manual_seed(8)
+    weight = torch.randn(2048, 2048, generator=gen) * 0.02
+    left, right = minor_components(weight, 16)
+    fingerprint = weight_fingerprint(weight)
+    cpu = base_deviation(weight.bfloat16(), fingerprint, left, right)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        cuda = base_deviation(weight.bfloat16().cuda(), fingerprint, left, right)
+        assert torch.allclose(
+            weight_fingerprint(weight.cuda()), fingerprint, rtol=0, atol=1e-6 * float(fingerprint[-1])
+        )
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    assert cuda.projections == pytest.approx(cpu.projections, abs=1e-5)
+    assert cuda.removed == pytest.approx(cpu.removed, abs=1e-5)
