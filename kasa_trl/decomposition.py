@@ -358,14 +358,21 @@ def _check_minor_args(weight: torch.Tensor, n: int, method: str) -> None:
 
 
 def _minor_svd(a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The n smallest triplets of ``a`` (m, p), m <= p, from a full float64 SVD: (u (m, n), s (n,), vh (n, p)).
+    """The n smallest triplets of ``a`` (m, p), m <= p, from a float64 SVD: (u (m, n), s (n,), vh (n, p)).
 
-    The SVD is taken of the tall ``a^T`` (``a^T = V S U^T``): LAPACK reduces a tall matrix by QR first, where torch's
-    path for a wide one took 7x longer (1024x2816, CPU).
+    A wide ``a`` is reduced by Householder QR first, ``a^T = Q R``, so that ``a = R^T Q^T``: the SVD of the m x m
+    ``R^T = u s w^T`` gives ``a = u s (Q w)^T``, and only the n vectors needed are carried back to p dimensions
+    (single-threaded CPU, 1024x2816: 0.76 s, against 1.03 s for ``torch.linalg.svd`` of ``a^T`` and 2.7 s of ``a``).
     """
-    v, s, uh = torch.linalg.svd(a.T, full_matrices=False)  # (p, m), (m,), (m, m)
-    k = s.shape[0]
-    return uh[k - n :].T, s[k - n :], v[:, k - n :].T
+    m, p = a.shape
+    if 2 * p < 3 * m:  # nearly square: the QR would not shrink the problem
+        v, s, uh = torch.linalg.svd(a.T, full_matrices=False)  # a^T = v s uh, (p, m), (m,), (m, m)
+        return uh[m - n :].T, s[m - n :], v[:, m - n :].T
+    reflectors, tau = torch.geqrf(a.T)  # (p, m): R in the upper triangle, Q as Householder reflectors below
+    u, s, wh = torch.linalg.svd(reflectors[:m].triu().T)  # R^T = u s wh, each (m, m)
+    w = a.new_zeros(p, n)
+    w[:m] = wh[m - n :].T
+    return u[:, m - n :], s[m - n :], torch.ormqr(reflectors, tau, w).T  # (Q w)^T
 
 
 def _minor_gram(
