@@ -151,11 +151,11 @@ def decompose_targets(
         for name, weight in _progress(list(zip(names, weights, strict=True)), "KaSA: decomposing"):
             try:
                 factors[name] = next(results)
-            except ValueError:
-                # The decomposition finds a non-finite weight from its Gram's diagonal, without a pass of its own
-                # over every weight: name the layer (nothing was modified yet).
+            except ValueError as error:
+                # The decomposition finds a non-finite weight in its own pass (for the scale): name the layer
+                # (nothing was modified yet), as for its other refusals (removed values beyond the factor dtype).
                 _check_finite_weight(name, weight)
-                raise
+                raise ValueError(f"{name}: {error}") from error
     return factors
 
 
