@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from kasa_trl import (
     KaSAConfig,
     adapter_files,
+    adapter_io,
     apply_kasa,
     kasa_layers,
     load_kasa_adapter,
@@ -560,3 +561,27 @@ def test_non_finite_base_weight_is_named(tmp_path):
     ):
         load_kasa_adapter(base, tmp_path)
     _assert_unchanged(base, before)
+
+
+@pytest.mark.parametrize("base_mode", ["in_place", "non_destructive"])
+def test_interrupt_while_building_the_layers_puts_the_weights_back(tmp_path, monkeypatch, base_mode):
+    save_kasa_adapter(
+        apply_kasa(build_tiny_llama(VOCAB, seed=0), KaSAConfig(r=2, base_mode=base_mode)), tmp_path
+    )
+    real, built = adapter_io.KaSALinear, []
+
+    def interrupted(*args, **kwargs):
+        if len(built) == 5:
+            raise KeyboardInterrupt("Ctrl-C at the 6th layer")
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(adapter_io, "KaSALinear", interrupted)
+    model = build_tiny_llama(VOCAB, seed=0)
+    before = _state(model)
+    with pytest.raises(KeyboardInterrupt):
+        load_kasa_adapter(model, tmp_path)
+    assert not kasa_layers(model)
+    after = model.state_dict()
+    for key, value in before.items():  # in place: W_trunc + R, within one float32 rounding
+        assert torch.allclose(after[key], value, rtol=0, atol=1e-6 if base_mode == "in_place" else 0), key
