@@ -337,3 +337,51 @@ def test_removed_values_beyond_the_factor_dtype_are_refused(method):
     torch.testing.assert_close(
         truncate(weight.double(), left, right).norm(), torch.tensor(8.485e38, dtype=F64), rtol=1e-3, atol=0
     )
+
+
+# --- through apply_kasa ------------------------------------------------------------------------------------------
+
+
+def _hadamard(k: int) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < k:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h
+
+
+def test_apply_kasa_truncates_a_float64_layer_near_1e150():
+    """Used to fail with a false 'non-finite' error: the layer's Gram overflowed."""
+    from kasa_trl import KaSAConfig, apply_kasa, kasa_layers
+    from kasa_trl.tiny import build_tiny_llama
+
+    model = build_tiny_llama(64).double()
+    name = "model.layers.0.self_attn.q_proj"
+    target = model.get_submodule(name)
+    with torch.no_grad():
+        target.weight.mul_(math.ldexp(1.0, 500))  # entries ~1e150
+    original = target.weight.detach().clone()
+    apply_kasa(model, KaSAConfig(r=2))
+    layer = kasa_layers(model)[name]
+    w_trunc, removed = layer.base_layer.weight.detach(), layer.removed_left @ layer.removed_right
+    torch.testing.assert_close(w_trunc + removed, original, rtol=0, atol=1e-14 * float(original.abs().max()))
+    reference, _ = _svd_removed(original, 2)
+    torch.testing.assert_close(removed, reference, rtol=0, atol=1e-8 * float(reference.abs().max()))
+
+
+def test_apply_kasa_names_the_layer_whose_removed_values_do_not_fit_fp32():
+    from kasa_trl import KaSAConfig, apply_kasa, kasa_layers
+    from kasa_trl.tiny import build_tiny_llama
+
+    model = build_tiny_llama(64)
+    with torch.no_grad():  # entries 3e38 (finite fp32), every singular value 8 x 3e38
+        model.get_submodule("model.layers.1.mlp.up_proj").weight.copy_(3e38 * _hadamard(128)[:, :64])
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(
+        ValueError,
+        match=r"^model\.layers\.1\.mlp\.up_proj: the removed singular values of this 128x64 weight reach 3\.39e\+39, "
+        r"beyond the range of torch\.float32",
+    ):
+        apply_kasa(model, KaSAConfig(r=2))
+    assert not kasa_layers(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[key], before[key]) for key in before)
