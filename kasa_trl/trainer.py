@@ -22,7 +22,7 @@ from torch import nn
 from transformers.trainer_utils import TrainOutput
 from trl import SFTTrainer
 
-from .adapter_io import layer_tensors, read_adapter, write_adapter
+from .adapter_io import layer_tensors, model_name_or_path, read_adapter, write_adapter
 from .checkpoint import last_complete_checkpoint
 from .config import KaSAConfig, config_differences, format_differences
 from .model import apply_kasa, get_kasa_config, kasa_layers
@@ -227,7 +227,10 @@ class KaSATrainerMixin:
                 "max_grad_norm, and resume from kasa_trl.last_complete_checkpoint(output_dir)"
             )
         if self.args.should_save:
-            write_adapter(output_dir, tensors, self.kasa_config)
+            # The base's name or folder, as transformers recorded it (the examples point it at the base they
+            # saved): `kasa-trl merge ADAPTER OUT` then needs no --base.
+            base = model_name_or_path(self.model)
+            write_adapter(output_dir, tensors, self.kasa_config, base_model_name_or_path=base)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
