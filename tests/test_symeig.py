@@ -96,8 +96,40 @@ def test_torch_threads_are_restored_after_the_lapack_path(monkeypatch):
         if _lapack.available():
             minor_components(torch.randn(6, 9, dtype=F64), 2, "gram_eigh")
             assert seen == [1] and torch.get_num_threads() == 2
-        with pytest.raises(ValueError, match="non-finite"):
+        with pytest.raises(ValueError, match="non-finite"):  # refused before the threads are touched
             minor_components(torch.full((6, 9), float("nan")), 2, "gram_eigh")
         assert torch.get_num_threads() == 2
+
+        def fail(self, g, backend):
+            seen.append(torch.get_num_threads())
+            raise RuntimeError("LAPACK dsytrd failed")
+
+        monkeypatch.setattr(_symeig.LowestEigh, "__init__", fail)
+        seen.clear()
+        with pytest.raises(
+            RuntimeError, match="dsytrd failed"
+        ):  # fails inside: the threads come back all the same
+            minor_components(torch.randn(6, 9, dtype=F64), 2, "gram_eigh")
+        assert seen == ([1] if _lapack.available() else [2]) and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("zeros", [0, 1, 3])
+def test_eigenvalues_repeated_across_blocks(backend, zeros):
+    """The Gram of an orthogonal weight with a few zero singular values: T splits into blocks sharing the eigenvalue
+    1, where LAPACK's bisection by index gives up (dstebz info=2 for the largest with 3 zeros); MRRR takes over."""
+    gen = torch.Generator().manual_seed(2)
+    s = torch.ones(16, dtype=F64)
+    s[16 - zeros :] = 0
+    u = torch.linalg.qr(torch.randn(16, 16, generator=gen, dtype=F64)).Q
+    v = torch.linalg.qr(torch.randn(20, 16, generator=gen, dtype=F64)).Q
+    b = (u * s) @ v.T
+    g = _symeig.gram(b, backend)
+    reference = torch.linalg.eigvalsh(_full(g))
+    eig = _symeig.LowestEigh(g, backend)
+    atol = 100 * 16 * EPS
+    for m in (1, zeros + 1, 16):
+        torch.testing.assert_close(eig.smallest(m), reference[:m], rtol=0, atol=atol)
+    assert abs(eig.largest() - 1.0) <= atol
