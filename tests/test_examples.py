@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from kasa_trl import KaSAConfig, apply_kasa, save_kasa_adapter
+from kasa_trl.adapter_io import read_adapter_info
 from kasa_trl.tiny import build_tiny_llama, build_tokenizer
 
 from .distributed import processes
@@ -255,6 +256,8 @@ def test_sft_llama(runs):
     assert (out / "kasa_spectrum.jsonl").is_file()  # SpectrumCallback ran
     assert_embedded_base(out)
     assert f"its base model saved to {out / 'base'}" in stdout
+    # The adapter records that folder: kasa-trl merge / export-lora need no --base.
+    assert read_adapter_info(out).base_model_name_or_path == str((out / "base").resolve())
 
 
 @pytest.mark.slow
