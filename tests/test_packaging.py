@@ -167,10 +167,8 @@ def test_demo_example_and_cli_run_from_the_wheel(venv):
     assert (adapter / "kasa_spectrum_final.png").is_file() and (adapter / "base" / "config.json").is_file()
     inspect = _run([venv["cli"], "inspect", "outputs/sft_llama", "--json"], cwd=work, env=env)
     assert "model.layers.0.self_attn.q_proj" in inspect.stdout
-    base = ["--base", "outputs/sft_llama/base"]
-    _run(
-        [venv["cli"], "export-lora", "outputs/sft_llama", "exports/lora", *base], cwd=work, env=env
-    )  # integrations
-    _run([venv["cli"], "merge", "outputs/sft_llama", "exports/merged", *base], cwd=work, env=env)
+    # No --base: the adapter records the base folder the demo saved next to it.
+    _run([venv["cli"], "export-lora", "outputs/sft_llama", "exports/lora"], cwd=work, env=env)  # integrations
+    _run([venv["cli"], "merge", "outputs/sft_llama", "exports/merged"], cwd=work, env=env)
     assert (work / "exports" / "lora" / "adapter_config.json").is_file()
     assert (work / "exports" / "merged" / "config.json").is_file()
