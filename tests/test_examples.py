@@ -83,7 +83,9 @@ def test_defaults_raise_no_deprecation_warning(examples, clean_env):
     assert (real.activation_checkpointing, real.gradient_checkpointing) == (True, True)
     assert real.learning_rate == 2e-5 and real.max_steps == -1  # TRL's defaults with a real model
     assert (tiny.learning_rate, tiny.max_steps) == (1e-2, 100)
-    with pytest.warns(FutureWarning, match="gradient_checkpointing"):  # the user's own deprecated flag: theirs
+    with pytest.warns(
+        FutureWarning, match="gradient_checkpointing"
+    ):  # the user's own deprecated flag: theirs
         _, user = parse(["--model_name_or_path", "some/model", "--no_gradient_checkpointing"])
     assert user.activation_checkpointing is False
 
@@ -143,6 +145,27 @@ def test_stale_deepspeed_build_lock_stops_the_run_with_the_fix(examples, clean_e
         common.prepare_run(script_args, args)
     assert f"rm {lock}" in str(exit_info.value.code) and "killed" in str(exit_info.value.code)
     assert lock.is_file()
+
+
+def test_first_deepspeed_cpu_build_is_announced_and_needs_a_compiler(examples, clean_env, tmp_path, capsys):
+    common = sys.modules["_common"]
+    clean_env.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built there yet
+    script_args, args = examples["sft_llama"].parse_command_line(["--output_dir", str(tmp_path / "out")])
+    args.deepspeed = "deepspeed_configs/zero3.json"
+    common.prepare_run(script_args, args)
+    assert (
+        f"DeepSpeed is compiling its CPU op (deepspeed_shm_comm) into {tmp_path}" in capsys.readouterr().out
+    )
+    clean_env.setenv("CXX", "no-such-compiler")
+    with pytest.raises(SystemExit) as exit_info:
+        common.prepare_run(script_args, args)
+    assert "needs a C++ compiler" in str(exit_info.value.code) and "no-such-compiler" in str(
+        exit_info.value.code
+    )
+    (tmp_path / "deepspeed_shm_comm").mkdir()
+    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").touch()
+    common.prepare_run(script_args, args)  # built: no compiler needed, nothing announced
+    assert "compiling" not in capsys.readouterr().out
 
 
 DEEPSPEED_PARSE = """
