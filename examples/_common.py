@@ -35,9 +35,15 @@ from kasa_trl import KaSAConfig
 from kasa_trl import torch_extensions as extensions
 from kasa_trl.tiny import build_tiny_llama, build_tokenizer, load_tiny_dataset
 
-# TRL 1.16's DPOTrainer reads `model.is_gradient_checkpointing`, which transformers 5 deprecates: a warning at
-# every DPO step that the user can do nothing about (TRL's code, not theirs).
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+# Deprecations inside the pinned libraries, repeated at every step, that a user can do nothing about: TRL 1.16's
+# DPOTrainer reads transformers 5's deprecated `model.is_gradient_checkpointing`; DeepSpeed 0.19's ZeRO calls
+# torch 2.13's deprecated `all_gather_into_tensor` / `reduce_scatter_tensor`.
+for _message in (
+    "`is_gradient_checkpointing` is deprecated",
+    "`torch.distributed.all_gather_into_tensor` is deprecated",
+    "`torch.distributed.reduce_scatter_tensor` is deprecated",
+):
+    warnings.filterwarnings("ignore", message=_message, category=FutureWarning)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # What `deepspeed examples/<script>.py` trains with when no --deepspeed config is given. ZeRO-3, not ZeRO-2: a
