@@ -54,6 +54,7 @@ def train(out_dir, tokenizer, dataset, *, trainer_cls=SFTTrainer, callbacks=None
         seed=0,
         max_length=32,
         disable_tqdm=True,
+        activation_checkpointing=True,  # TRL's default, under transformers 5's name (no deprecation warning)
     )
     args.update(overrides)
     # Dropout draws from the global RNG every step: a callback consuming RNG would change the weights.

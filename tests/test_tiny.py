@@ -143,6 +143,7 @@ def test_sft_trainer_smoke(tokenizer, tmp_path, assistant_only_loss: bool) -> No
         save_strategy="no",
         max_length=64,
         assistant_only_loss=assistant_only_loss,
+        activation_checkpointing=True,  # TRL's default, under transformers 5's name (no deprecation warning)
     )
     trainer = SFTTrainer(
         model=build_tiny_llama(len(tokenizer)),
