@@ -479,10 +479,11 @@ def _spectrum_error(eig: _symeig.LowestEigh, n: int) -> float:
 
 
 def _warn_gram_eigh_inexact(shape: torch.Size, n: int, error: float) -> None:
+    values = "value is" if n == 1 else "values are"
     off = f"up to {error:.1g} of its norm" if error < 1 else "more than its own norm"
     warnings.warn(
-        f"decomposition_method='gram_eigh': the {n} smallest singular values of this {shape[0]}x{shape[1]} weight "
-        f"are below what its Gram matrix resolves in float64: the removed part R may be off by {off} (harmless "
+        f"decomposition_method='gram_eigh': the {n} smallest singular {values} below what the Gram matrix of this "
+        f"{shape[0]}x{shape[1]} weight resolves in float64: the removed part R may be off by {off} (harmless "
         "only where they are ~0, an exactly rank-deficient weight). Use decomposition_method='auto' (accurate: it "
         "falls back to an SVD where the Gram cannot resolve them) or 'svd'",
         RuntimeWarning,

@@ -188,8 +188,8 @@ def test_gram_eigh_stays_within_its_predicted_error_and_warns_beyond_1e_3(aspect
         (warning,) = caught
         assert issubclass(warning.category, RuntimeWarning)
         assert re.fullmatch(
-            rf"decomposition_method='gram_eigh': the 4 smallest singular values of this {shape[0]}x{shape[1]} "
-            r"weight are below what its Gram matrix resolves in float64: the removed part R may be off by "
+            r"decomposition_method='gram_eigh': the 4 smallest singular values are below what the Gram matrix of "
+            rf"this {shape[0]}x{shape[1]} weight resolves in float64: the removed part R may be off by "
             r"(up to \S+ of its norm|more than its own norm) \(harmless only where they are ~0, an exactly "
             r"rank-deficient weight\)\. Use decomposition_method='auto' \(accurate: it falls back to an SVD where "
             r"the Gram cannot resolve them\) or 'svd'",
