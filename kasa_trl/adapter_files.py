@@ -199,7 +199,10 @@ def _existing_directory(directory: str | os.PathLike) -> Path:
     if not path.is_file():
         hint = ""
         if (Path(directory) / "adapter_config.json").is_file():
-            hint = " (it holds a PEFT adapter: see integrations/peft)"
+            hint = (
+                " (it holds a PEFT adapter: import a PEFT KaSA adapter with "
+                "kasa_trl.integrations.peft.import_peft_kasa)"
+            )
         elif Path(directory).is_file():
             hint = f" ({directory} is a file: pass the directory that holds {ADAPTER_FILE})"
         raise FileNotFoundError(f"no KaSA adapter at {directory}: {ADAPTER_FILE} is missing{hint}")

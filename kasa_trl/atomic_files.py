@@ -6,6 +6,9 @@ must replace several files of one directory together hold the directory's exclus
 it shared), so the files always come from one writer. A temporary file is named
 ``.<target>.<host>-<pid>.<random>.tmp``: one left by a killed writer is removed by the next writer once that
 writer can prove it stale (same host, process gone); any other is left alone, and named in a warning.
+
+The pieces every kasa_trl writer shares (``host_tag``, ``process_alive``, ``current_umask``, ``fsync_directory``)
+live here; ``atomic_outputs`` builds the command line's output directories on them.
 """
 
 from __future__ import annotations
@@ -56,14 +59,14 @@ def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
     The caller fsyncs the directory (``fsync_directory``) once its renames are done.
     """
     fd, tmp = tempfile.mkstemp(
-        prefix=f".{target.name}.{_host_tag()}-{os.getpid()}.", suffix=".tmp", dir=target.parent
+        prefix=f".{target.name}.{host_tag()}-{os.getpid()}.", suffix=".tmp", dir=target.parent
     )
     tmp_path = Path(tmp)
     try:
         os.close(fd)
         write(tmp_path)
         with contextlib.suppress(OSError):  # after writing: some writers (safetensors) recreate the file 0600
-            os.chmod(tmp_path, _new_file_mode())
+            os.chmod(tmp_path, 0o666 & ~current_umask())
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, target)
@@ -82,12 +85,12 @@ def remove_stale_temporaries(directory: Path, targets: Iterable[str]) -> None:
     names = "|".join(re.escape(name) for name in targets)
     pattern = re.compile(rf"^\.(?:{names})\.(?P<host>[A-Za-z0-9_]*)-(?P<pid>\d+)\.[^.]+\.tmp$")
     prefixes = tuple(f".{name}." for name in targets)
-    host, kept = _host_tag(), []
+    host, kept = host_tag(), []
     for path in directory.iterdir():
         if not (path.name.startswith(prefixes) and path.name.endswith(".tmp")):
             continue
         match = pattern.match(path.name)
-        if match and match["host"] == host and not _process_alive(int(match["pid"])):
+        if match and match["host"] == host and not process_alive(int(match["pid"])):
             path.unlink(missing_ok=True)
         else:
             kept.append(path.name)
@@ -109,11 +112,14 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _host_tag() -> str:
+def host_tag() -> str:
+    """This machine's name as temporary file names carry it (letters, digits and ``_``; at most 64): a writer
+    only ever removes the leftovers of processes it can check, those of its own host."""
     return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:64]
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (another user's counts): its temporary files may be in use."""
     if pid == os.getpid():
         return True
     try:
@@ -125,11 +131,12 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _new_file_mode() -> int:
-    """The mode ``open`` gives a new file (0666 less the umask): ``mkstemp``'s 0600 would hide the file from the
-    user's group. Read from /proc, because ``os.umask`` can only be read by setting it (racing other threads)."""
+def current_umask() -> int:
+    """The process's umask: new files get ``0o666 & ~umask``, new directories ``0o777 & ~umask`` (``mkstemp`` and
+    ``mkdtemp`` give 0o600 and 0o700, which would hide an output from the user's group). Read from /proc, because
+    ``os.umask`` can only be read by setting it (racing other threads); 0o022 where /proc does not say."""
     with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as f:
         for line in f:
             if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    return 0o644
+                return int(line.split()[1], 8)
+    return 0o022

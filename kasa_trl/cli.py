@@ -14,7 +14,7 @@ Exit codes: 0 success, 1 unexpected failure, 2 bad usage or bad input (missing o
 an output that overlaps an input, a non-empty output directory). Errors print one ``kasa-trl: error: ...`` line,
 no traceback (set ``KASA_TRL_DEBUG=1`` for one); warnings one ``kasa-trl: warning: ...`` line each.
 
-No command destroys an input (``integrations.peft.atomic``): an output that equals, contains or lies inside the
+No command destroys an input (``kasa_trl.atomic_outputs``): an output that equals, contains or lies inside the
 adapter directory, a local base directory or a file either links to is refused, with or without --overwrite;
 --overwrite replaces only an earlier kasa-trl output (listed in its manifest), never other files. Outputs are
 written into an exclusively created temporary sibling and swapped into place at the end, so OUT_DIR is either
@@ -32,6 +32,8 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .atomic_outputs import atomic_output_dir, atomic_output_file, check_output_dir
 
 PROG = "kasa-trl"
 EXIT_FAILURE, EXIT_USAGE = 1, 2
@@ -170,8 +172,9 @@ def _export_lora(args: argparse.Namespace) -> None:
     out = _check_out_dir(args.out_dir, args.overwrite, _inputs(adapter, base))
     import torch
 
-    peft_integration = _peft_integration()
-    peft_integration.export_lora(
+    from .integrations.peft import VLLM_MAX_LORA_RANKS, export_lora
+
+    export_lora(
         adapter,
         out,
         base_model_name_or_path=base,
@@ -182,7 +185,7 @@ def _export_lora(args: argparse.Namespace) -> None:
     )
     config = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
     rank = config["r"]
-    vllm_rank = next((v for v in peft_integration.VLLM_MAX_LORA_RANKS if v >= rank), None)
+    vllm_rank = next((v for v in VLLM_MAX_LORA_RANKS if v >= rank), None)
     print(f"wrote a rank-{rank} LoRA adapter for the ORIGINAL base to {out}")
     if vllm_rank is not None:
         print(f"vLLM: vllm serve BASE --enable-lora --max-lora-rank {vllm_rank} --lora-modules NAME={out}")
@@ -192,7 +195,9 @@ def _export_peft_kasa(args: argparse.Namespace) -> None:
     adapter = _check_adapter_dir(args.adapter_dir)
     base = _base(args, adapter)
     out = _check_out_dir(args.out_dir, args.overwrite, _inputs(adapter, base))
-    _peft_integration().export_peft_kasa(
+    from .integrations.peft import export_peft_kasa
+
+    export_peft_kasa(
         adapter, out, base_model_name_or_path=base, overwrite=args.overwrite, force_base=args.force_base
     )
     print(
@@ -211,9 +216,9 @@ def _merge(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kasa_trl import kasa_layers, load_kasa_adapter, merge_and_unload
+    from .adapter_io import load_kasa_adapter
+    from .model import kasa_layers, merge_and_unload
 
-    atomic_output_dir = _peft_integration().atomic_output_dir
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     if not os.path.isdir(base) and (os.sep in base or base.startswith(".")):
         raise UsageError(f"base model directory {base} does not exist{origin}")
@@ -329,7 +334,6 @@ def _plot(stats: list[dict[str, Any]], path: Path, *, inputs: dict[str, Path | s
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise UsageError("--png needs matplotlib: pip install 'kasa_trl[plots]'") from e
-    atomic_output_file = _peft_integration().atomic_output_file
     index = range(len(stats))
     fig, (spectra, errors) = plt.subplots(1, 2, figsize=(12, 4), constrained_layout=True)
     spectra.plot(index, [s["delta_norm"] for s in stats], "o-", label="||dW||_F")
@@ -361,17 +365,6 @@ def _is_our_png(path: Path) -> bool:
     return head.startswith(b"\x89PNG\r\n\x1a\n") and f"{_PNG_KEY}\0{_PNG_TAG}".encode() in head
 
 
-def _peft_integration():
-    try:
-        import integrations.peft
-    except ModuleNotFoundError as e:
-        raise UsageError(
-            f"this command needs the integrations.peft package shipped with kasa_trl, which is not importable ({e}); "
-            "run from the kasa_trl repository or reinstall kasa_trl"
-        ) from e
-    return integrations.peft
-
-
 def _find_tokenizer(adapter: Path, base: str):
     """The tokenizer saved with the adapter, else the base's; ``None`` if neither has one."""
     from transformers import AutoTokenizer
@@ -397,7 +390,7 @@ def _check_adapter_dir(path: str) -> Path:
     if not (directory / _ADAPTER_FILE).is_file():
         hint = (
             "; it holds a PEFT adapter (adapter_config.json): load it with peft, or import a PEFT KaSA adapter "
-            "with integrations.peft.import_peft_kasa"
+            "with kasa_trl.integrations.peft.import_peft_kasa"
             if (directory / "adapter_config.json").is_file()
             else ""
         )
@@ -409,11 +402,13 @@ def _check_adapter_dir(path: str) -> Path:
 
 def _base(args: argparse.Namespace, adapter: Path) -> str | None:
     """--base, else the base the adapter records; a --base naming another one is refused without --force-base."""
-    return _peft_integration().resolve_base(adapter, args.base, force=args.force_base)
+    from .integrations.peft import resolve_base
+
+    return resolve_base(adapter, args.base, force=args.force_base)
 
 
 def _inputs(adapter: Path, base: str | None) -> dict[str, Path | str | None]:
-    """What a command reads, by role: no output may overlap them (``integrations.peft.atomic``)."""
+    """What a command reads, by role: no output may overlap them (``kasa_trl.atomic_outputs``)."""
     return {
         "adapter directory": adapter,
         "base model directory": base if base and os.path.isdir(base) else None,
@@ -422,7 +417,6 @@ def _inputs(adapter: Path, base: str | None) -> dict[str, Path | str | None]:
 
 def _check_out_dir(path: str, overwrite: bool, inputs: dict[str, Path | str | None]) -> Path:
     """Refuse, before any work, an OUT_DIR that overlaps an input, or that --overwrite may not replace."""
-    check_output_dir = _peft_integration().check_output_dir
     try:
         check_output_dir(path, overwrite=overwrite, inputs=inputs)
     except (ValueError, FileExistsError, NotADirectoryError) as e:

@@ -1,7 +1,7 @@
 """PEFT's ``LoraConfig(kasa_config=KasaConfig(beta, gamma))`` as a ``KaSAConfig``: the one mapping, field by field.
 
 Both places that meet a PEFT config use it: ``KaSATrainer(peft_config=LoraConfig(...))`` (a new adapter) and
-``integrations.peft.import_peft_kasa`` (a saved PEFT KaSA adapter). Every field of PEFT 0.21's ``LoraConfig`` is
+``kasa_trl.integrations.peft.import_peft_kasa`` (a saved PEFT KaSA adapter). Every field of PEFT 0.21's ``LoraConfig`` is
 mapped, accepted because it cannot change the result, or refused by name with what to do; nothing is dropped
 silently. A field this module does not know (a newer PEFT) is refused unless it is empty (``None``, ``False``,
 ``{}``, ``[]``). peft itself is never imported: the config is read as a dataclass or a mapping (its ``to_dict()``

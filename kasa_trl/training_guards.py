@@ -230,7 +230,7 @@ def check_no_peft_layers(model: nn.Module) -> None:
             f"the model carries PEFT adapter layers ({abbreviate(tuned) if tuned else type(model).__name__}); KaSA "
             "trainers train their own KaSA layers on a plain base model. Pass the base model "
             "(peft_model.unload(), or merge_and_unload() to keep a trained LoRA in the base), and a PEFT KaSA "
-            "config as kasa_config or peft_config; convert a PEFT KaSA adapter with integrations/peft"
+            "config as kasa_config or peft_config; convert a PEFT KaSA adapter with kasa_trl.integrations.peft.import_peft_kasa"
         )
 
 

@@ -3,7 +3,7 @@ only an earlier kasa_trl output, temporary names cannot be planted, and a killed
 up (or named) by the next run.
 
 Every refusal is checked against a snapshot of the whole workspace: not one byte changed. The killed writers are
-real processes killed with SIGKILL; they load ``integrations/peft/atomic.py`` alone (standard library only), so
+real processes killed with SIGKILL; they import ``kasa_trl.atomic_outputs`` alone (standard library only), so
 they cost no torch import.
 """
 
@@ -18,10 +18,12 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from integrations.peft import atomic, export_lora, export_peft_kasa
-from integrations.peft.atomic import MANIFEST
 from kasa_trl import KaSAConfig, apply_kasa, save_kasa_adapter
+from kasa_trl import atomic_outputs as atomic
 from kasa_trl import cli as kasa_cli
+from kasa_trl.atomic_files import host_tag
+from kasa_trl.atomic_outputs import MANIFEST
+from kasa_trl.integrations.peft import export_lora, export_peft_kasa
 from kasa_trl.tiny import build_tiny_llama
 
 from .conftest import VOCAB, randomize_adapters
@@ -170,11 +172,10 @@ def test_inspect_png_follows_no_planted_link_and_replaces_only_its_own_png(ws, c
 
 
 _KILLED_WRITER = """
-import importlib.util, os, signal, sys
+import os, signal, sys
 from pathlib import Path
-spec = importlib.util.spec_from_file_location("atomic", "integrations/peft/atomic.py")
-atomic = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(atomic)
+from kasa_trl import atomic_outputs as atomic
+assert "torch" not in sys.modules
 out, mode = Path(sys.argv[1]), sys.argv[2]
 kill = lambda: os.kill(os.getpid(), signal.SIGKILL)
 if mode == "directory":  # killed while writing the new output
@@ -237,7 +238,7 @@ def test_a_killed_png_writer_is_cleaned_up_and_a_live_writers_file_is_left_alone
     png = tmp_path / "spectra.png"
     _killed_writer(png, "file")
     [stale] = _hidden(tmp_path)
-    live = tmp_path / f".spectra.png.kasa-trl-{atomic._HOST}-{os.getpid()}-abcdefgh.tmp"
+    live = tmp_path / f".spectra.png.kasa-trl-{host_tag()}-{os.getpid()}-abcdefgh.tmp"
     live.write_bytes(b"being written by a process that still exists")
     assert kasa_cli.main(["inspect", str(ws / "run" / "adapter"), "--png", str(png)]) == 0
     err = capsys.readouterr().err

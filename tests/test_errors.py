@@ -308,7 +308,8 @@ ADAPTER_CASES = {
         lambda d: [(d / ADAPTER_FILE).unlink(), (d / "adapter_config.json").write_text("{}")],
         lambda: build_tiny_llama(VOCAB),
         FileNotFoundError,
-        r"kasa_adapter\.safetensors is missing \(it holds a PEFT adapter: see integrations/peft\)",
+        r"kasa_adapter\.safetensors is missing \(it holds a PEFT adapter: import a PEFT KaSA adapter with "
+        r"kasa_trl\.integrations\.peft\.import_peft_kasa\)",
     ),
     "model-already-carries-kasa": (
         lambda d: None,
@@ -507,7 +508,7 @@ CLI_CASES = {
     "adapter-truncated": (["inspect", "{truncated}"], r"kasa_adapter\.safetensors is corrupt or truncated"),
     "out-dir-not-empty": (
         ["export-lora", "{adapter}", "{nonempty}"],
-        r"OUT_DIR .*nonempty exists and is not empty; choose a new directory or pass --overwrite",
+        r"output directory .*nonempty exists and is not empty; choose a new directory or pass --overwrite",
     ),
     "merge-onto-another-base": (
         ["merge", "{adapter}", "{tmp}/merged", "--base", "{other_base}"],

@@ -83,9 +83,10 @@ def test_wheel_contents_and_metadata(dist):
         names = set(wheel.namelist())
         metadata = wheel.read(f"kasa_trl-{version}.dist-info/METADATA").decode()
     for needed in ("kasa_trl/py.typed", "kasa_trl/data/sft.jsonl", "kasa_trl/data/dpo.jsonl",
-                   "integrations/peft/lora_export.py", f"kasa_trl-{version}.dist-info/licenses/LICENSE"):  # fmt: skip
+                   "kasa_trl/integrations/peft/lora_export.py", f"kasa_trl-{version}.dist-info/licenses/LICENSE"):  # fmt: skip
         assert needed in names, needed
-    assert not [n for n in names if n.startswith(("tests/", "examples/"))]
+    # One top-level package: nothing generic (integrations, tests, examples) lands in site-packages.
+    assert {n.split("/", 1)[0] for n in names} == {"kasa_trl", f"kasa_trl-{version}.dist-info"}, names
     assert f"Version: {version}" in metadata and "License-Expression: Apache-2.0" in metadata
     assert "Classifier: Typing :: Typed" in metadata
     assert (
@@ -118,7 +119,7 @@ def venv(dist, tmp_path_factory) -> dict[str, Path]:
     # Dependencies: links, in the venv's own site-packages (so that libraries which treat code outside
     # site-packages as user code, as dill does, see an ordinary install), to this environment's entries,
     # kasa_trl's own (editable) ones and .pth files left out.
-    own = re.compile(r"(__editable__.*kasa_trl.*|kasa_trl(-.*\.dist-info|\.egg-link)?|integrations|.*\.pth)$")
+    own = re.compile(r"(__editable__.*kasa_trl.*|kasa_trl(-.*\.dist-info|\.egg-link)?|.*\.pth)$")
     target_site = Path(
         _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
     )
@@ -137,10 +138,14 @@ def _env() -> dict[str, str]:
 
 
 def test_installed_package_comes_from_the_wheel(venv):
-    code = "import kasa_trl, integrations, sys; print(kasa_trl.__file__); print(integrations.__file__); print(kasa_trl.__version__)"
+    code = (
+        "import kasa_trl, kasa_trl.integrations.peft as peft, importlib.util; print(kasa_trl.__file__); "
+        "print(peft.__file__); print(kasa_trl.__version__); print(importlib.util.find_spec('integrations'))"
+    )
     out = _run([venv["python"], "-c", code], cwd=venv["work"], env=_env()).stdout.split()
     assert all(Path(p).resolve().is_relative_to(venv["site"].resolve()) for p in out[:2]), out
     assert out[2] == kasa_trl.__version__
+    assert out[3] == "None", "a top-level 'integrations' package is installed"
     _run(
         [sys.executable, "-m", "pip", "--python", venv["python"], "check"], cwd=venv["work"]
     )  # deps satisfied

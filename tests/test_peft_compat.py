@@ -16,8 +16,8 @@ if not hasattr(peft, "KasaConfig"):
 
 from peft.tuners.tuners_utils import check_target_module_exists  # noqa: E402
 
-from integrations.peft import import_peft_kasa  # noqa: E402
 from kasa_trl import KaSAConfig, apply_kasa, kasa_layers  # noqa: E402
+from kasa_trl.integrations.peft import import_peft_kasa  # noqa: E402
 from kasa_trl.peft_compat import kasa_config_from_lora, layer_selection_regex  # noqa: E402
 from kasa_trl.tiny import build_tiny_llama  # noqa: E402
 from kasa_trl.trainer import kasa_config_from_peft  # noqa: E402

@@ -1,4 +1,4 @@
-"""integrations.peft: exact export to vanilla LoRA, PEFT KaSA adapters in and out.
+"""kasa_trl.integrations.peft: exact export to vanilla LoRA, PEFT KaSA adapters in and out.
 
 Every comparison loads the exported adapter with PEFT itself on a fresh, ORIGINAL base and compares logits in
 fp32; the measured max abs differences are printed (``pytest -s``) and quoted in the assertion messages.
@@ -14,10 +14,10 @@ peft = pytest.importorskip("peft")
 if not hasattr(peft, "KasaConfig"):
     pytest.skip("needs peft >= 0.21 (KasaConfig)", allow_module_level=True)
 
-from integrations.peft import export_lora, export_peft_kasa, import_peft_kasa  # noqa: E402
-from integrations.peft import lora_export as lora_export_module  # noqa: E402
-from integrations.peft.atomic import MANIFEST  # noqa: E402
 from kasa_trl import KaSAConfig, apply_kasa, save_kasa_adapter  # noqa: E402
+from kasa_trl.atomic_outputs import MANIFEST  # noqa: E402
+from kasa_trl.integrations.peft import export_lora, export_peft_kasa, import_peft_kasa  # noqa: E402
+from kasa_trl.integrations.peft import lora_export as lora_export_module  # noqa: E402
 from kasa_trl.tiny import build_tiny_gpt2, build_tiny_llama  # noqa: E402
 
 from .conftest import VOCAB, randomize_adapters  # noqa: E402
@@ -168,7 +168,7 @@ def test_exports_are_atomic_and_never_overwrite_by_accident(tmp_path, monkeypatc
     def failing_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("integrations.peft._peft_format.save_file", failing_save)
+    monkeypatch.setattr("kasa_trl.integrations.peft._peft_format.save_file", failing_save)
     for export in (export_lora, export_peft_kasa):
         with pytest.raises(OSError, match="disk full"):
             export(model, tmp_path / "new")

@@ -5,21 +5,17 @@
 - ``import_peft_kasa``: a PEFT KaSA adapter (directory or live ``PeftModel``) as kasa_trl KaSA layers.
 - ``export_peft_kasa``: a kasa_trl adapter in PEFT's KaSA format (Linear targets, paper truncation).
 
-Outputs are written atomically and never over an input or over files kasa_trl did not write (``atomic``).
-Writing the files does not need PEFT installed; PEFT is needed to load them, and to import from a live
-``PeftModel``.
+Outputs are written atomically and never over an input or over files kasa_trl did not write
+(``kasa_trl.atomic_outputs``). Writing the files does not need PEFT installed; PEFT is needed to load them, and to
+import from a live ``PeftModel``.
 """
 
 from ._source import resolve_base
-from .atomic import atomic_output_dir, atomic_output_file, check_output_dir
 from .kasa_format import export_peft_kasa, import_peft_kasa
 from .lora_export import VLLM_MAX_LORA_RANKS, export_lora
 
 __all__ = [
     "VLLM_MAX_LORA_RANKS",
-    "atomic_output_dir",
-    "atomic_output_file",
-    "check_output_dir",
     "export_lora",
     "export_peft_kasa",
     "import_peft_kasa",

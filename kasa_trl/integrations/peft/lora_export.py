@@ -16,11 +16,11 @@ from typing import Literal
 import torch
 from torch import nn
 
+from kasa_trl.atomic_outputs import atomic_output_dir, check_output_dir
 from kasa_trl.decomposition import lora_export_factors
 
 from ._peft_format import KEY_PREFIX, lora_config_dict, write_peft_adapter
 from ._source import read_kasa_source, resolve_base, source_inputs
-from .atomic import atomic_output_dir, check_output_dir
 
 VLLM_MAX_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM accepts for ``--max-lora-rank`` (``vllm.config.lora.MaxLoRARanks``); an adapter's rank must be
@@ -59,7 +59,7 @@ def export_lora(
             ``PeftModelForCausalLM``); ``None`` for a bare ``PeftModel``.
         overwrite: replace an earlier kasa_trl output in ``out_dir``; a directory holding anything else, or an
             ``out_dir`` overlapping the adapter directory or a local base, is refused all the same
-            (``integrations.peft.atomic``).
+            (``kasa_trl.atomic_outputs``).
         force_base: use ``base_model_name_or_path`` even though the adapter records another base (e.g. a local
             copy of the recorded hub model); its weights are still checked.
 

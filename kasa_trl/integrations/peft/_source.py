@@ -117,7 +117,7 @@ def _same_model(a: str, b: str) -> bool:
 def source_inputs(
     source: str | os.PathLike | nn.Module, base_model_name_or_path: str | None
 ) -> dict[str, str | os.PathLike | None]:
-    """What an export reads, by role, for ``atomic.check_no_overlap``: the adapter directory and a local base."""
+    """What an export reads, by role, for ``kasa_trl.atomic_outputs.check_no_overlap``: the adapter directory and a local base."""
     base = base_model_name_or_path
     if base is None and isinstance(source, nn.Module):
         base = model_name_or_path(source)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from kasa_trl.adapter_io import ADAPTER_FILE
+from kasa_trl.atomic_outputs import atomic_output_dir, check_output_dir
 from kasa_trl.model import apply_kasa, base_weight, kasa_layers
 from kasa_trl.peft_compat import BETA_REGULARIZER, GAMMA_REGULARIZER, kasa_config_from_lora
 
@@ -34,7 +35,6 @@ from ._peft_format import (
     write_peft_adapter,
 )
 from ._source import read_kasa_source, resolve_base, source_inputs
-from .atomic import atomic_output_dir, check_output_dir
 
 
 def import_peft_kasa(
@@ -122,7 +122,7 @@ def export_peft_kasa(
     if conv1d:
         raise ValueError(
             f"PEFT's KaSA supports nn.Linear targets only, but {conv1d[0]} (and {len(conv1d) - 1} more) is a "
-            "transformers Conv1D (GPT-2 family); use integrations.peft.export_lora for an exact plain-LoRA export"
+            "transformers Conv1D (GPT-2 family); use kasa_trl.integrations.peft.export_lora for an exact plain-LoRA export"
         )
     for name, tensors in source.layers.items():
         n = tensors["removed_left"].shape[1]
@@ -130,7 +130,7 @@ def export_peft_kasa(
             raise ValueError(
                 f"{name} had {n} singular components removed (truncation={config.truncation!r}) but PEFT's KaSA "
                 f"always removes r={config.r}, so PEFT would compute something else; use "
-                "integrations.peft.export_lora for an exact plain-LoRA export"
+                "kasa_trl.integrations.peft.export_lora for an exact plain-LoRA export"
             )
     weights = dict(config.regularizers)
     beta, gamma = weights.pop(BETA_REGULARIZER, 0.0), weights.pop(GAMMA_REGULARIZER, 0.0)

@@ -1,6 +1,8 @@
 """Writing an output directory or file all at once, without ever destroying anything kasa_trl did not write.
 
-The rules (README "Guarantees and limits"):
+Used by the command line and ``kasa_trl.integrations.peft`` for their outputs (exports, merged models, pictures);
+standard library only, so the command line checks an output before it imports torch. The rules (README
+"Guarantees and limits"):
 
 - An output never overlaps an input: it may not equal, contain or lie inside an input directory, nor equal or
   contain a file of one (symbolic links resolved, so a link inside the adapter directory that points elsewhere
@@ -24,21 +26,20 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import hashlib
 import json
 import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+from .atomic_files import current_umask, fsync_directory, host_tag, process_alive
+
 MANIFEST = ".kasa-trl-output.json"
 _WRITER = "kasa_trl"
-_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 # --- checks ------------------------------------------------------------------------------------------------
@@ -253,7 +254,7 @@ def atomic_output_file(
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -261,7 +262,7 @@ def atomic_output_file(
 
 
 def _prefix(target: Path) -> str:
-    return f".{target.name}.kasa-trl-{_HOST}-{os.getpid()}-"
+    return f".{target.name}.kasa-trl-{host_tag()}-{os.getpid()}-"
 
 
 def _move_into_place(tmp: Path, target: Path, *, overwrite: bool, shown: str) -> None:
@@ -325,7 +326,7 @@ def clean_stale(target: Path) -> list[str]:
     target is missing is renamed back into place instead.
     """
     pattern = re.compile(
-        rf"^\.{re.escape(target.name)}\.kasa-trl-(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)-[a-z0-9_]{{8}}\.(?P<kind>tmp|old)$"
+        rf"^\.{re.escape(target.name)}\.kasa-trl-(?P<host>[A-Za-z0-9_]{{1,64}})-(?P<pid>\d+)-[a-z0-9_]{{8}}\.(?P<kind>tmp|old)$"
     )
     notes = []
     try:
@@ -347,11 +348,11 @@ def clean_stale(target: Path) -> list[str]:
 
 
 def _clean_one(path: Path, target: Path, pid: int, host: str, kind: str) -> str:
-    if host != _HOST or path.lstat().st_uid != os.getuid():
+    if host != host_tag() or path.lstat().st_uid != os.getuid():
         return f"left {path} alone: written by kasa_trl on another host or by another user"
     if path.is_symlink() or not (path.is_dir() or path.is_file()):
         return f"left {path} alone: not a file or directory kasa_trl creates"
-    if _alive(pid):
+    if process_alive(pid):
         return f"left {path} alone: process {pid}, which may still be writing it, exists"
     if kind == "old" and (path / target.name).is_dir() and not target.exists():
         os.replace(path / target.name, target)
@@ -361,35 +362,15 @@ def _clean_one(path: Path, target: Path, pid: int, host: str, kind: str) -> str:
     return f"removed {path}, left by a kasa_trl process (pid {pid}) killed while writing"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def _fsync_tree(root: Path) -> None:
     """Flush every file, then the directories, so the rename publishes complete data even after a crash."""
     for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
         if path.is_file() and not path.is_symlink():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
+    fsync_directory(root)
 
 
 def _make_shareable(root: Path) -> None:
     # mkdtemp creates the directory 0o700; give the output the permissions a plain mkdir would have.
-    os.chmod(root, 0o777 & ~_umask())
+    os.chmod(root, 0o777 & ~current_umask())
