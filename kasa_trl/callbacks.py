@@ -38,7 +38,7 @@ from transformers.integrations import TensorBoardCallback, WandbCallback
 from transformers.integrations.integration_utils import rewrite_logs
 from transformers.trainer_callback import CallbackHandler
 
-from .decomposition import factor_singular_values, orthogonality_error
+from .factors import factor_singular_values, orthogonality_error
 from .layer import KaSALinear
 from .model import kasa_layers
 from .spectrum_plots import FINAL_PNG, OVER_STEPS_PNG, save_spectrum_plots

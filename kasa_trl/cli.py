@@ -240,7 +240,7 @@ def _merge(args: argparse.Namespace) -> None:
 
 def _inspect(args: argparse.Namespace) -> None:
     adapter = _check_adapter_dir(args.adapter_dir)
-    from kasa_trl.adapter_io import read_adapter
+    from .adapter_io import read_adapter
 
     config, per_layer = read_adapter(adapter)
     stats = [layer_stats(name, tensors, config.scaling, top=args.top) for name, tensors in per_layer.items()]
@@ -266,7 +266,7 @@ def layer_stats(name: str, tensors: dict[str, Any], scaling: float, *, top: int 
     """One layer's spectra and orthogonality, from its saved tensors (no base model needed)."""
     import torch
 
-    from kasa_trl.decomposition import factor_singular_values, orthogonality_error
+    from .factors import factor_singular_values, orthogonality_error
 
     A, B, diag = (tensors[k].to(torch.float64) for k in ("lora_A", "lora_B", "lora_diag"))
     spectrum = factor_singular_values(scaling * B * diag, A).to(torch.float64)  # singular values of dW

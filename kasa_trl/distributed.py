@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .decomposition import minor_components, subtract_removed
+from .decomposition import minor_components
+from .factors import subtract_removed
 from .fingerprint import N_PROBES, weight_fingerprint
 
 if TYPE_CHECKING:

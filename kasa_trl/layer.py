@@ -21,7 +21,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from transformers.pytorch_utils import Conv1D
 
-from .decomposition import removed_float64, truncate
+from .factors import removed_float64, truncate
 from .distributed import is_partitioned, truncate_partition, weight_shape
 from .fingerprint import weight_fingerprint
 

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from .config import LOW_PRECISION_DTYPES, KaSAConfig, resolve_base_mode
-from .decomposition import minor_components_many, removed_float64, subtract_removed
+from .decomposition import minor_components_many
+from .factors import removed_float64, subtract_removed
 from .distributed import (
     broadcast_adapters,
     gathered,

@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from .factors import orthogonality_error
+
 Regularizer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 REDUCTIONS = ("sum", "mean")
@@ -171,14 +173,6 @@ def _qualname(fn: Callable) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
-def _gram_error(m: torch.Tensor) -> torch.Tensor:
-    """||m m^T - I||_F for m (r, d), computed in >= fp32."""
-    m = m.to(torch.promote_types(m.dtype, torch.float32))
-    gram = m @ m.T  # (r, r)
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    return torch.linalg.matrix_norm(gram - eye)
-
-
 @register_regularizer("singular_value_l2")
 def singular_value_l2(lora_A: torch.Tensor, lora_B: torch.Tensor, lora_diag: torch.Tensor) -> torch.Tensor:
     """``||sigma||_2^2``: the L2 penalty on the learned singular values (KaSA paper Eq. 10)."""
@@ -188,7 +182,8 @@ def singular_value_l2(lora_A: torch.Tensor, lora_B: torch.Tensor, lora_diag: tor
 @register_regularizer("orthogonality")
 def orthogonality(lora_A: torch.Tensor, lora_B: torch.Tensor, lora_diag: torch.Tensor) -> torch.Tensor:
     """``||B^T B - I_r||_F + ||A A^T - I_r||_F`` (KaSA paper Eq. 11-12, PEFT 0.21), not squared."""
-    return _gram_error(lora_B.T) + _gram_error(lora_A)
+    error_a, error_b = orthogonality_error(lora_A, lora_B)
+    return error_b + error_a
 
 
 @register_regularizer("orthogonality_official")
@@ -202,6 +197,5 @@ def orthogonality_official(
     """
     r, n_in = lora_A.shape
     n_out = lora_B.shape[0]
-    a_err = _gram_error(lora_A)
-    b_err = _gram_error(lora_B.T)
+    a_err, b_err = orthogonality_error(lora_A, lora_B)
     return torch.sqrt(a_err.pow(2) + (n_in - r)) + torch.sqrt(b_err.pow(2) + (n_out - r))

@@ -17,7 +17,8 @@ import torch
 
 import kasa_trl.decomposition as decomposition
 from kasa_trl import _symeig
-from kasa_trl.decomposition import minor_components, minor_components_many, singular_values, truncate
+from kasa_trl.decomposition import minor_components, minor_components_many
+from kasa_trl.factors import singular_values, truncate
 
 F64 = torch.float64
 EPS = torch.finfo(F64).eps

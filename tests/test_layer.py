@@ -6,7 +6,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from kasa_trl import KaSALinear
-from kasa_trl.decomposition import minor_components, truncate
+from kasa_trl.decomposition import minor_components
+from kasa_trl.factors import truncate
 
 torch.manual_seed(0)
 

@@ -1,8 +1,8 @@
-"""Exact export of a KaSA adapter to a vanilla PEFT LoRA adapter on the untouched base (DESIGN.md section 2).
+"""Exact export of a KaSA adapter to a vanilla PEFT LoRA adapter on the untouched base (docs/design.md section 1).
 
 Each KaSA layer computes ``W_trunc x + s B diag(sigma) A x`` with ``W_trunc = W - left @ right``. Since
 ``W + B2 A2 = W_trunc + s B diag(sigma) A`` for ``B2 = [s B diag(sigma) | -left]`` and ``A2 = [A ; right]``
-(``kasa_trl.decomposition.lora_export_factors``), a plain LoRA of rank ``r + n`` on the ORIGINAL weight gives
+(``kasa_trl.factors.lora_export_factors``), a plain LoRA of rank ``r + n`` on the ORIGINAL weight gives
 the KaSA layer's outputs: PEFT, vLLM multi-LoRA and TGI can serve it without knowing KaSA. The exported config
 has ``lora_alpha == rank`` (LoRA scaling 1); KaSA's scaling is folded into ``B2``.
 """
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from kasa_trl.atomic_outputs import atomic_output_dir, check_output_dir
-from kasa_trl.decomposition import lora_export_factors
+from kasa_trl.factors import lora_export_factors
 
 from ._peft_format import KEY_PREFIX, lora_config_dict, write_peft_adapter
 from ._source import read_kasa_source, resolve_base, source_inputs
