@@ -63,6 +63,7 @@ def build_trainer(output_dir: str | os.PathLike, *, max_steps: int = MAX_STEPS, 
         disable_tqdm=True,
         bf16=False,
         dataloader_num_workers=0,
+        activation_checkpointing=True,  # TRL's default, under transformers 5's name (no deprecation warning)
     )
     return trainer_class(
         model=build_tiny_llama(len(tokenizer), seed=0),

@@ -61,12 +61,11 @@ def main() -> None:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_device = args.global_batch // (world * args.grad_accum)
-    extra = {}
+    # transformers 5's names: TRL's configs default the deprecated gradient_checkpointing to True, which would
+    # also turn checkpointing on for "none".
+    extra = {"activation_checkpointing": args.checkpointing != "none"}
     if args.checkpointing != "none":
-        extra = {
-            "gradient_checkpointing": True,
-            "gradient_checkpointing_kwargs": {"use_reentrant": args.checkpointing == "reentrant"},
-        }
+        extra["activation_checkpointing_kwargs"] = {"use_reentrant": args.checkpointing == "reentrant"}
     config = SFTConfig(
         output_dir=args.out,
         max_steps=args.steps,
