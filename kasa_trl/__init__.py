@@ -24,11 +24,11 @@ _EXPORTS = {
     "kasa_adapters_disabled": "model",
     "kasa_layers": "model",
     "load_kasa_adapter": "adapter_io",
-    "merge_and_unload": "model",
+    "merge_and_unload": "unloading",
     "register_regularizer": "regularizers",
     "registered_regularizers": "regularizers",
     "save_kasa_adapter": "adapter_io",
-    "unload": "model",
+    "unload": "unloading",
     "unregister_regularizer": "regularizers",
 }
 
@@ -74,13 +74,7 @@ if TYPE_CHECKING:
     from .config import KaSAConfig
     from .dpo_trainer import KaSADPOTrainer
     from .layer import KaSALinear
-    from .model import (
-        apply_kasa,
-        get_kasa_config,
-        kasa_adapters_disabled,
-        kasa_layers,
-        merge_and_unload,
-        unload,
-    )
+    from .model import apply_kasa, get_kasa_config, kasa_adapters_disabled, kasa_layers
     from .regularizers import register_regularizer, registered_regularizers, unregister_regularizer
     from .trainer import KaSATrainer
+    from .unloading import merge_and_unload, unload

@@ -31,16 +31,10 @@ from .config import KaSAConfig
 from .distributed import is_partitioned
 from .fingerprint import TOLERANCE, base_deviation
 from .layer import KaSALinear, check_layer_arguments
-from .model import (
-    base_weight,
-    check_shared_weights,
-    check_supported,
-    get_kasa_config,
-    install_kasa_layers,
-    kasa_layers,
-    removed_rank,
-    resolve_model_base_mode,
-)
+from .model import get_kasa_config, install_kasa_layers, kasa_layers
+from .shared_weights import check_shared_weights, resolve_model_base_mode
+from .targets import check_adapter_fits, check_supported, removed_rank
+from .weights import base_weight, weight_shape
 
 __all__ = [  # the file-level names are re-exported: callers import them from here
     "ADAPTER_FILE",
@@ -66,23 +60,25 @@ __all__ = [  # the file-level names are re-exported: callers import them from he
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor of the adapter, keyed ``<layer>.<key>``, detached and on CPU."""
-    tensors = {}
-    for name, layer in kasa_layers(model).items():
-        tensors.update(layer_tensors(name, layer))
+    tensors = {
+        f"{name}.{key}": tensor
+        for name, layer in kasa_layers(model).items()
+        for key, tensor in layer_tensors(layer).items()
+    }
     if not tensors:
         raise ValueError("model carries no KaSA layers; nothing to save (call apply_kasa first)")
     return tensors
 
 
-def layer_tensors(name: str, layer: KaSALinear) -> dict[str, torch.Tensor]:
-    """One layer's adapter tensors, keyed ``<name>.<key>``."""
+def layer_tensors(layer: KaSALinear) -> dict[str, torch.Tensor]:
+    """What an adapter file holds for ``layer``: each of ``TENSOR_KEYS``, detached, contiguous, on CPU."""
     values = {
         **layer.adapter_params(),
         "removed_left": layer.removed_left,
         "removed_right": layer.removed_right,
         "base_fingerprint": layer.base_fingerprint,
     }
-    return {f"{name}.{key}": t.detach().cpu().contiguous() for key, t in values.items()}
+    return {key: values[key].detach().cpu().contiguous() for key in TENSOR_KEYS}
 
 
 def model_name_or_path(model: nn.Module) -> str | None:
@@ -227,15 +223,9 @@ def _target_module(
             f"adapter {where}: the weight of {name} is partitioned by DeepSpeed ZeRO-3; load the adapter onto "
             "the model before deepspeed.initialize (or the Trainer) partitions it"
         )
-    out_features, in_features = base_weight(module).shape
+    check_adapter_fits(name, module, tensors, config.r, f"file {where}")
+    out_features, in_features = weight_shape(module)
     r, n = config.r, tensors["removed_left"].shape[1]
-    for key, shape in (("lora_A", (r, in_features)), ("lora_B", (out_features, r))):
-        if tuple(tensors[key].shape) != shape:
-            raise ValueError(
-                f"adapter tensor {name}.{key} has shape {tuple(tensors[key].shape)} but {name} "
-                f"({out_features}x{in_features}, r={r}) needs {shape}; the adapter belongs to another model "
-                f"(file {where})"
-            )
     try:
         expected_n = removed_rank(module, config, name)
     except ValueError as e:

@@ -217,7 +217,8 @@ def _merge(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
     from .adapter_io import load_kasa_adapter
-    from .model import kasa_layers, merge_and_unload
+    from .model import kasa_layers
+    from .unloading import merge_and_unload
 
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     if not os.path.isdir(base) and (os.sep in base or base.startswith(".")):

@@ -98,8 +98,16 @@ class KaSAConfig:
 
     @property
     def scaling(self) -> float:
-        """``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA."""
-        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
+        """``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA (``lora_scaling``)."""
+        return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
+
+    def removed_rank(self, out_features: int, in_features: int) -> int:
+        """How many singular triplets the truncation removes from an (out, in) weight: ``r`` with the paper's
+        truncation; with the official one only the excess of ``min(out, in)`` over the ``in - r`` components it
+        keeps (0 when ``out <= in - r``). Assumes ``r < min(out, in)``, which ``targets.removed_rank`` checks."""
+        if self.truncation == "paper":
+            return self.r
+        return max(0, min(out_features, in_features) - (in_features - self.r))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict, with the format version."""
@@ -143,6 +151,12 @@ class KaSAConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
         return cls.from_dict(data)
+
+
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
+    """The factor of the update ``dW = scaling * B diag(sigma) A``: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)``
+    with rsLoRA (as LoRA and PEFT)."""
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)
 
 
 def resolve_base_mode(base_mode: str, weight_dtypes: Iterable[torch.dtype]) -> str:

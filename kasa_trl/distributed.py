@@ -1,31 +1,26 @@
-"""DeepSpeed ZeRO-3 helpers: gathering partitioned parameters and the sharded decomposition schedule.
+"""DeepSpeed ZeRO-3 and ``torch.distributed`` primitives: which parameters are partitioned, gathering them, writing
+a rank's own partition, the rank and world size, broadcasting adapters.
 
-Under ZeRO-3 (``deepspeed.zero.Init``) no rank holds a whole weight outside a gather. ``sharded_decompose``
-splits the decomposition work over the ranks: the targets, largest first, are taken ``world_size`` at a time,
-each group is gathered once, rank ``i % world_size`` decomposes target ``i`` (and fingerprints its original
-weight) while the others decompose theirs, and only the rank-n factors and fingerprints travel afterwards (a
-broadcast from each owner). Every rank then holds the same factors; ``truncate_partition`` writes ``W_trunc``
-into each rank's own partition with the arithmetic of ``decomposition.truncate``, so no weight is gathered a
-second time.
+Under ZeRO-3 (``deepspeed.zero.Init``) no rank holds a whole weight outside a gather. ``truncate_partition`` writes
+``W_trunc`` into each rank's own partition with the arithmetic of ``factors.truncate``, so a weight whose removed
+factors every rank knows needs no second gather. The schedule that decomposes a model's targets over the ranks
+(``target_decomposition.sharded_decompose``) is built on these.
+
+Profiler scope (``torch.profiler.record_function``): ``kasa_trl.gather``, a ``gathered`` block that really gathers
+(the block's body included).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.profiler import record_function
 
-from .decomposition import minor_components
 from .factors import subtract_removed
-from .fingerprint import N_PROBES, weight_fingerprint
-
-if TYPE_CHECKING:
-    from .config import KaSAConfig
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
@@ -34,6 +29,7 @@ def is_partitioned(param: torch.Tensor) -> bool:
 
 
 def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group; ``(0, 1)`` without one."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -50,61 +46,11 @@ def gathered(params: Sequence[torch.Tensor], modifier_rank: int | None = None) -
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
+    with (
+        record_function("kasa_trl.gather"),
+        deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank),
+    ):
         yield
-
-
-def weight_shape(module: nn.Module) -> tuple[int, int]:
-    """(out, in) of a Linear/Conv1D target, also when its weight is partitioned."""
-    from transformers.pytorch_utils import Conv1D
-
-    weight = module.weight
-    shape = tuple(weight.ds_shape) if is_partitioned(weight) else tuple(weight.shape)
-    return (shape[1], shape[0]) if isinstance(module, Conv1D) else (shape[0], shape[1])
-
-
-def sharded_decompose(
-    targets: dict[str, nn.Module], n_removed: dict[str, int], config: KaSAConfig
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``(left, right, fingerprint of the original weight)`` of every target, decomposed once in all (each rank
-    its share), known to all ranks."""
-    from .model import _check_finite_weight, _progress, base_weight
-
-    rank, world = rank_and_world()
-    # Largest first, so the ranks of a group decompose weights of one size and none waits long for another
-    # (a stable sort of the same list on every rank: the same schedule everywhere).
-    names = sorted(targets, key=lambda name: -math.prod(weight_shape(targets[name])))
-    owner = {name: i % world for i, name in enumerate(names)}
-    mine: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    groups = [names[i : i + world] for i in range(0, len(names), world)]
-    for group in _progress(groups, f"KaSA: decomposing ({world} ranks)"):
-        with gathered([targets[name].weight for name in group]):
-            for name in group:  # every rank checks every weight: all raise together, none hangs
-                _check_finite_weight(name, base_weight(targets[name]))
-            for name in group:
-                if owner[name] == rank:
-                    weight = base_weight(targets[name])
-                    left, right = minor_components(weight, n_removed[name], config.decomposition_method)
-                    mine[name] = (left, right, weight_fingerprint(weight))
-    if world == 1:
-        return mine
-    factors = {}
-    for name in names:
-        module = targets[name]
-        out_features, in_features = weight_shape(module)
-        weight = module.weight
-        device = weight.ds_tensor.device if is_partitioned(weight) else weight.device
-        dtype = torch.promote_types(weight.dtype, torch.float32)
-        if owner[name] == rank:
-            left, right, fingerprint = (t.to(device).contiguous() for t in mine[name])
-        else:
-            left = torch.empty(out_features, n_removed[name], device=device, dtype=dtype)
-            right = torch.empty(n_removed[name], in_features, device=device, dtype=dtype)
-            fingerprint = torch.empty(N_PROBES + 1, device=device, dtype=torch.float64)
-        for t in (left, right, fingerprint):
-            dist.broadcast(t, src=owner[name])
-        factors[name] = (left, right, fingerprint.cpu())
-    return factors
 
 
 def writable_partition(param: torch.Tensor) -> torch.Tensor | None:
@@ -122,13 +68,13 @@ def writable_partition(param: torch.Tensor) -> torch.Tensor | None:
 
 @torch.no_grad()
 def truncate_partition(param: torch.Tensor, removed: torch.Tensor) -> None:
-    """``W_trunc = W - R`` on this rank's partition of ``param``, by ``decomposition.subtract_removed`` like
-    ``decomposition.truncate``, so every rank's share is bit-identical to a single process's.
+    """``W_trunc = W - R`` on this rank's partition of ``param``, by ``factors.subtract_removed`` like
+    ``factors.truncate``, so every rank's share is bit-identical to a single process's.
 
     Args:
         param (torch.Tensor): a ZeRO-3 parameter with a ``writable_partition``.
-        removed (torch.Tensor): ``decomposition.removed_float64`` in the parameter's own layout (transposed for
-            Conv1D).
+        removed (torch.Tensor): ``factors.removed_float64`` in the parameter's own layout
+            (``weights.to_storage_layout``).
     """
     shard = writable_partition(param)
     if shard is None:

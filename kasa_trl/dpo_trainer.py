@@ -30,8 +30,9 @@ from trl.trainer.utils import get_config_model_id
 
 from .config import KaSAConfig
 from .layer import KaSALinear
-from .model import kasa_adapters_disabled, kasa_layers, unload
+from .model import kasa_adapters_disabled, kasa_layers
 from .trainer import KaSATrainerMixin
+from .unloading import unload
 
 _PREFERENCE_COLUMNS = ("chosen", "rejected")
 

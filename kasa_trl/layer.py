@@ -18,18 +18,26 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
-from transformers.pytorch_utils import Conv1D
+from torch.profiler import record_function
 
+from .config import lora_scaling
+from .distributed import is_partitioned, truncate_partition
 from .factors import removed_float64, truncate
-from .distributed import is_partitioned, truncate_partition, weight_shape
 from .fingerprint import weight_fingerprint
+from .stacked import stacked_down, stacked_up
+from .weights import (
+    SUPPORTED_BASE_LAYERS,
+    SUPPORTED_WEIGHT_DTYPES,
+    base_weight,
+    check_base_weight,
+    stores_transposed,
+    to_storage_layout,
+    weight_shape,
+    write_base_weight,
+)
 
-SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
 # The modes a layer runs in; KaSAConfig's "auto" is resolved to one of them by apply_kasa.
 LAYER_BASE_MODES = ("in_place", "non_destructive")
-# Base weight dtypes a layer computes with: anything else is a quantized or packed format (int8, float8...).
-SUPPORTED_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_layer_arguments(
@@ -61,22 +69,6 @@ def check_layer_arguments(
             else ""
         )
         raise ValueError(f"base_mode={base_mode!r} is not one of {list(LAYER_BASE_MODES)}{hint}")
-
-
-def check_base_weight(weight: torch.Tensor, where: str) -> None:
-    """Raise unless ``weight`` is a plain ``nn.Parameter`` of a supported float dtype holding values (not on the
-    ``meta`` device). ``where`` names the module in the message."""
-    if type(weight) is not nn.Parameter or weight.dtype not in SUPPORTED_WEIGHT_DTYPES:
-        raise TypeError(
-            f"{where} holds a {type(weight).__name__} of dtype {weight.dtype}: quantized or packed weights are not "
-            "supported; load the base in fp32/bf16/fp16 or exclude this module"
-        )
-    if weight.device.type == "meta":
-        raise ValueError(
-            f"{where} has its weight on the meta device (shapes only, no values: built under init_empty_weights "
-            "or loaded with device_map='meta'); KaSA needs the real weights. Load the model with its weights "
-            "(e.g. from_pretrained(...) on cpu or cuda) before adapting it"
-        )
 
 
 def check_removed_factors(
@@ -147,8 +139,8 @@ class KaSALinear(nn.Module):
         if adapter_dtype is not None and adapter_dtype not in SUPPORTED_WEIGHT_DTYPES:
             raise TypeError(f"adapter_dtype must be a floating-point dtype, got {adapter_dtype}")
         self.base_layer = base_layer
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        weight = self._base_weight()  # empty while ZeRO-3 holds it partitioned (see partitioned below)
+        self.fan_in_fan_out = stores_transposed(base_layer)  # PEFT's name for Conv1D's (in, out) layout
+        weight = base_weight(base_layer)  # empty while ZeRO-3 holds it partitioned (see partitioned below)
         self.out_features, self.in_features = weight_shape(base_layer)
         partitioned = is_partitioned(base_layer.weight) and base_layer.weight.numel() == 0
         check_removed_factors(removed_left, removed_right, self.out_features, self.in_features, "KaSALinear")
@@ -169,7 +161,7 @@ class KaSALinear(nn.Module):
         self.r = r
         self.lora_alpha = lora_alpha
         self.use_rslora = use_rslora
-        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.scaling = lora_scaling(lora_alpha, r, use_rslora)
         self.base_mode = base_mode
         self.merged = False
         self.adapter_enabled = True
@@ -186,7 +178,7 @@ class KaSALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=dtype))
         self.lora_diag = nn.Parameter(torch.empty(r, device=device, dtype=dtype))
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        # The removed part travels with the adapter (DESIGN.md section 4); not in the model's state_dict.
+        # The removed part travels with the adapter (docs/design.md section 4); not in the model's state_dict.
         # Contiguous so a loaded adapter (always contiguous) runs the very same kernels: bit-identical outputs.
         left = removed_left.detach().to(device, factor_dtype).contiguous()
         right = removed_right.detach().to(device, factor_dtype).contiguous()
@@ -202,11 +194,14 @@ class KaSALinear(nn.Module):
             base_fingerprint if base_fingerprint is not None else weight_fingerprint(weight)
         )
         self.reset_parameters()
-        if base_mode == "in_place" and partitioned:
-            removed = removed_float64(self.removed_left, self.removed_right)
-            truncate_partition(base_layer.weight, removed.T if self.fan_in_fan_out else removed)
-        elif base_mode == "in_place":
-            self._write_base_weight(truncate(weight, self.removed_left, self.removed_right))
+        if base_mode == "in_place":
+            # A profiler scope per truncation (what a benchmark times without patching the library).
+            with record_function("kasa_trl.truncate"):
+                if partitioned:  # each rank its own partition, with the arithmetic of truncate
+                    removed = removed_float64(self.removed_left, self.removed_right)
+                    truncate_partition(base_layer.weight, to_storage_layout(base_layer, removed))
+                else:
+                    write_base_weight(base_layer, truncate(weight, self.removed_left, self.removed_right))
 
     @property
     def n_removed(self) -> int:
@@ -274,18 +269,13 @@ class KaSALinear(nn.Module):
         )
 
     def _removal_and_adapter(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``out - (x right^T) left^T + scaling ((x A^T) * sigma) B^T`` as one stacked low-rank product::
-
-            z = x [right; A]^T                          (N, n + r)
-            out + (z * [-1, ..., -1, scaling sigma]) [left, B]^T
-
-        Two products instead of four in forward, and in backward one product for the input's gradient
-        instead of two plus their sum, with no gradient computed for the removed factors (buffers)."""
+        """``out - (x right^T) left^T + scaling ((x A^T) * sigma) B^T`` as one stacked low-rank product
+        (``stacked``): two products instead of four in forward, fewer in backward."""
         x2d = x.reshape(-1, self.in_features)  # (N, in)
-        z = _StackedDown.apply(x2d, self.removed_right, self.lora_A)  # (N, n + r)
+        z = stacked_down(x2d, self.removed_right, self.lora_A)  # (N, n + r)
         if self.penalty_hook is not None:
             z = self.penalty_hook(self, z)
-        return _StackedUp.apply(out, z, self.removed_left, self.lora_B, self.lora_diag * self.scaling)
+        return stacked_up(out, z, self.removed_left, self.lora_B, self.lora_diag * self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """``dW = scaling * B diag(sigma) A``, (out, in) like ``nn.Linear.weight``, in the adapter dtype."""
@@ -299,7 +289,7 @@ class KaSALinear(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         """``W_trunc + dW`` in float64: the weight this layer computes with (bias aside)."""
-        weight = self._base_weight().detach().to(torch.float64)
+        weight = base_weight(self.base_layer).detach().to(torch.float64)
         if self.merged:
             return weight
         if self.base_mode == "non_destructive":
@@ -312,7 +302,7 @@ class KaSALinear(nn.Module):
         if self.merged:
             raise RuntimeError("KaSA layer is already merged; call unmerge() first")
         self.check_base_write("merge")
-        self._write_base_weight(self.effective_weight())
+        write_base_weight(self.base_layer, self.effective_weight())
         self.merged = True
 
     @torch.no_grad()
@@ -321,17 +311,17 @@ class KaSALinear(nn.Module):
         if not self.merged:
             raise RuntimeError("KaSA layer is not merged")
         self.check_base_write("unmerge")
-        weight = self._base_weight().to(torch.float64) - self.delta_weight().to(torch.float64)
+        weight = base_weight(self.base_layer).to(torch.float64) - self.delta_weight().to(torch.float64)
         if self.base_mode == "non_destructive":
             weight = weight + self._removed_float64()
-        self._write_base_weight(weight)
+        write_base_weight(self.base_layer, weight)
         self.merged = False
 
     @torch.no_grad()
     def original_weight(self) -> torch.Tensor:
         """The weight before KaSA, (out, in), in the base dtype: bit-exact in non-destructive mode (unmerged),
         else within one rounding of the base dtype (``W_trunc + R``, or ``W_merged - dW + R`` when merged)."""
-        weight = self._base_weight()
+        weight = base_weight(self.base_layer)
         if self.base_mode == "non_destructive" and not self.merged:
             return weight.clone()
         original = weight.to(torch.float64) + self._removed_float64()  # W_trunc + R
@@ -347,7 +337,7 @@ class KaSALinear(nn.Module):
         if self.base_mode == "non_destructive" and not self.merged:
             return
         self.check_base_write("restore_base")
-        self._write_base_weight(self.original_weight())
+        write_base_weight(self.base_layer, self.original_weight())
         self.base_mode = "non_destructive"
         self.merged = False
 
@@ -358,7 +348,9 @@ class KaSALinear(nn.Module):
         if self.base_mode != "non_destructive" or self.merged:
             raise RuntimeError("truncate_base needs an unmerged non-destructive KaSA layer")
         self.check_base_write("truncate_base")
-        self._write_base_weight(truncate(self._base_weight(), self.removed_left, self.removed_right))
+        write_base_weight(
+            self.base_layer, truncate(base_weight(self.base_layer), self.removed_left, self.removed_right)
+        )
         self.base_mode = "in_place"
 
     def check_base_write(self, operation: str, where: str = "KaSA layer") -> None:
@@ -389,7 +381,7 @@ class KaSALinear(nn.Module):
             )
         # |R_ij| <= ||left_i|| ||right_:j|| and |dW_ij| <= scaling ||(B sigma)_i|| ||A_:j|| (Cauchy-Schwarz): a
         # cheap bound on the result; only when it exceeds the dtype's range is the result itself computed.
-        weight = self._base_weight()
+        weight = base_weight(self.base_layer)
         bound = float(weight.abs().max()) if weight.numel() else 0.0
         if uses_removed:
             bound += _max_row_norm(self.removed_left) * _max_row_norm(self.removed_right.T)
@@ -398,7 +390,7 @@ class KaSALinear(nn.Module):
             bound += abs(self.scaling) * _max_row_norm(scaled_b) * _max_row_norm(self.lora_A.detach().T)
         if bound <= torch.finfo(weight.dtype).max / 2:
             return
-        result = self._base_weight().to(torch.float64)
+        result = base_weight(self.base_layer).to(torch.float64)
         if uses_removed:
             sign = 1.0 if operation in ("unmerge", "restore_base") else -1.0
             result = result + sign * self._removed_float64()
@@ -416,16 +408,6 @@ class KaSALinear(nn.Module):
         """``R`` in float64, the very product ``truncate`` subtracted."""
         return removed_float64(self.removed_left, self.removed_right)
 
-    def _base_weight(self) -> torch.Tensor:
-        """The base weight as (out, in), a view of the parameter's data."""
-        weight = self.base_layer.weight.data
-        return weight.T if self.fan_in_fan_out else weight
-
-    def _write_base_weight(self, weight: torch.Tensor) -> None:
-        """Copy ``weight`` (out, in) into the base parameter, in its dtype and layout."""
-        target = self.base_layer.weight.data
-        target.copy_(weight.T if self.fan_in_fan_out else weight)
-
     def extra_repr(self) -> str:
         return (
             f"r={self.r}, n_removed={self.n_removed}, scaling={self.scaling:g}, base_mode={self.base_mode}, "
@@ -438,51 +420,3 @@ def _max_row_norm(matrix: torch.Tensor) -> float:
     if matrix.numel() == 0:
         return 0.0
     return float(torch.linalg.vector_norm(matrix.detach().double(), dim=1).max())
-
-
-class _StackedDown(torch.autograd.Function):
-    """``z = x [right; A]^T`` for ``x`` (N, in), ``right`` (n, in) constant, ``A`` (r, in): gradients for ``x``
-    and ``A`` only. The stacked matrix is rebuilt in backward rather than saved: (n + r) x in per layer held
-    from forward to backward would cost more memory than the copy costs time."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, right: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, right, lora_A)
-        return x @ torch.cat([right, lora_A]).T
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_z: torch.Tensor):
-        x, right, lora_A = ctx.saved_tensors
-        grad_x = grad_z @ torch.cat([right, lora_A]) if ctx.needs_input_grad[0] else None
-        grad_a = grad_z[:, right.shape[0] :].T @ x if ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_a
-
-
-class _StackedUp(torch.autograd.Function):
-    """``out + (z * [-1 (n), scale (r)]) [left, B]^T`` for ``z`` (N, n + r), ``left`` (out, n) constant, ``B``
-    (out, r), ``scale`` (r,) = scaling * sigma; no gradient for ``left``."""
-
-    @staticmethod
-    def forward(
-        ctx, out: torch.Tensor, z: torch.Tensor, left: torch.Tensor, lora_B: torch.Tensor, scale: torch.Tensor
-    ) -> torch.Tensor:
-        coef = torch.cat([scale.new_full((left.shape[1],), -1.0), scale])  # (n + r,)
-        ctx.save_for_backward(z, left, lora_B, coef)
-        return torch.addmm(out, z * coef, torch.cat([left, lora_B], dim=1).T)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        z, left, lora_B, coef = ctx.saved_tensors
-        n = left.shape[1]
-        grad_z = grad_scale = grad_b = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[4]:
-            grad_zc = grad_out @ torch.cat([left, lora_B], dim=1)  # (N, n + r): d loss / d (z * coef)
-            if ctx.needs_input_grad[1]:
-                grad_z = grad_zc * coef
-            if ctx.needs_input_grad[4]:
-                grad_scale = (grad_zc[:, n:] * z[:, n:]).sum(0)
-        if ctx.needs_input_grad[3]:
-            grad_b = grad_out.T @ (z[:, n:] * coef[n:])
-        return grad_out, grad_z, None, grad_b, grad_scale

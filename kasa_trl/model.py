@@ -1,61 +1,37 @@
-"""Putting KaSA into a model and taking it out again.
+"""Putting KaSA into a model: ``apply_kasa``, the layers it installs, and what a model carrying them answers.
 
-Every operation here checks everything it needs before its first change, so it either finishes or leaves the
-model as it was (all or nothing): ``apply_kasa`` validates the targets, decomposes each target weight once,
-validates the factors, builds every ``KaSALinear`` (undoing the truncations done so far if anything still fails),
-then swaps the targets in; ``merge_and_unload`` and ``unload`` check every layer before writing any weight.
+``apply_kasa`` checks everything it needs before its first change, so it either finishes or leaves the model as it
+was (all or nothing): it validates the targets (``targets``, ``shared_weights``), decomposes each target weight once
+(``target_decomposition``), validates the factors, builds every ``KaSALinear`` (undoing the truncations done so far
+if anything still fails), then swaps the targets in. Taking KaSA out again is ``unloading``'s.
 
-Shared and tied weights: KaSA adapts modules. A target registered under several names (``named_modules`` lists it
-once) gets one ``KaSALinear``, installed under every name, so every path computes the same adapted weight. A
-target whose weight memory another module also uses (a tied ``lm_head``, one ``Parameter`` given to two layers) is
-refused in ``in_place`` mode, which would truncate the weight for every user (``W - 2R`` for two targets);
-``non_destructive`` mode never writes the shared weight, so each adapted module computes with ``W - R`` plus its
-own update and every other user keeps ``W``; ``"auto"`` picks it for such a model. ``merge_and_unload`` refuses a
-layer whose weight is shared (one merged weight cannot serve users that compute different things); ``unload``
-works. ``check_shared_weights`` states the rule for adapter loading too.
+A target registered under several names (``named_modules`` lists it once) gets one ``KaSALinear``, installed under
+every name, so every path computes the same adapted weight. Weights shared with other modules follow the rule of
+``shared_weights``.
 
 A model carrying KaSA layers refuses ``save_pretrained`` (which would write a checkpoint that ``from_pretrained``
 reloads with every adapted layer randomly initialized) and names the calls that save what the user wants;
-``merge_and_unload`` and ``unload`` lift the refusal with the layers.
+``uninstall_kasa_layers`` lifts the refusal with the layers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-from transformers.pytorch_utils import Conv1D
 
-from .config import LOW_PRECISION_DTYPES, KaSAConfig, resolve_base_mode
-from .decomposition import minor_components_many
+from .config import LOW_PRECISION_DTYPES, KaSAConfig
+from .distributed import broadcast_adapters, gathered, is_partitioned, rank_and_world, writable_partition
 from .factors import removed_float64, subtract_removed
-from .distributed import (
-    broadcast_adapters,
-    gathered,
-    is_partitioned,
-    rank_and_world,
-    sharded_decompose,
-    weight_shape,
-    writable_partition,
-)
-from .layer import (
-    SUPPORTED_BASE_LAYERS,
-    KaSALinear,
-    check_base_weight,
-    check_layer_arguments,
-    check_removed_factors,
-)
-
-# A function computing the removed factors ``(left, right)`` of every target, optionally followed by the original
-# weight's fingerprint; replaced under ZeRO-3 by a sharded schedule (which returns the fingerprints).
-Decomposer = Callable[[dict[str, nn.Module], dict[str, int], KaSAConfig], dict[str, tuple[torch.Tensor, ...]]]
+from .layer import KaSALinear, check_layer_arguments, check_removed_factors
+from .shared_weights import check_shared_weights, resolve_model_base_mode
+from .target_decomposition import Decomposer, decompose_targets, sharded_decompose
+from .targets import find_targets, removed_rank
+from .weights import base_weight, weight_shape
 
 SAVE_PRETRAINED_REFUSAL = (
     "save_pretrained() is refused on a model carrying KaSA layers: it would write a checkpoint that "
@@ -83,7 +59,7 @@ def apply_kasa(model: nn.Module, config: KaSAConfig, *, decomposer: Decomposer |
     """Adapt ``model`` in place with KaSA and return it; only adapter parameters stay trainable.
 
     Each target's ``n`` smallest singular triplets (n = r with the paper's truncation) are removed from the
-    frozen weight and kept with the adapter (DESIGN.md sections 2 and 4). ``base_mode="auto"`` is resolved here
+    frozen weight and kept with the adapter (docs/design.md sections 1 and 4). ``base_mode="auto"`` is resolved here
     (``resolve_model_base_mode``) and ``model.kasa_config`` records the mode chosen. On any error the model is
     left as it was.
     """
@@ -128,154 +104,6 @@ def apply_kasa(model: nn.Module, config: KaSAConfig, *, decomposer: Decomposer |
     return model
 
 
-def resolve_model_base_mode(model: nn.Module, targets: dict[str, nn.Module], base_mode: str) -> str:
-    """The concrete mode ``base_mode`` stands for on ``targets``: ``"auto"`` is ``"in_place"`` when every target
-    weight is fp32/fp64 and none is shared with another module, else ``"non_destructive"`` (a bf16/fp16 copy of
-    ``W - R`` is rounded by about as much as ``R``; a shared weight would be truncated for all its users)."""
-    mode = resolve_base_mode(base_mode, [module.weight.dtype for module in targets.values()])
-    if base_mode == "auto" and shared_weight_users(model, targets):
-        return "non_destructive"
-    return mode
-
-
-def decompose_targets(
-    targets: dict[str, nn.Module], n_removed: dict[str, int], config: KaSAConfig
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The removed factors ``(left (out, n), right (n, in))`` of each target (several at once on CPU cores)."""
-    names = list(targets)
-    weights = [base_weight(targets[name]) for name in names]
-    ns = [n_removed[name] for name in names]
-    factors = {}
-    # closing: interrupted between two layers (Ctrl-C), the worker threads are shut down here, not whenever the
-    # generator is collected (an error raised inside the decomposition ends the generator itself).
-    with contextlib.closing(minor_components_many(weights, ns, config.decomposition_method)) as results:
-        for name, weight in _progress(list(zip(names, weights, strict=True)), "KaSA: decomposing"):
-            try:
-                factors[name] = next(results)
-            except ValueError as error:
-                # The decomposition finds a non-finite weight in its own pass (for the scale): name the layer
-                # (nothing was modified yet), as for its other refusals (removed values beyond the factor dtype).
-                _check_finite_weight(name, weight)
-                raise ValueError(f"{name}: {error}") from error
-    return factors
-
-
-def base_weight(module: nn.Module) -> torch.Tensor:
-    """A target's weight as (out, in), whatever its storage layout."""
-    weight = module.weight.data
-    return weight.T if isinstance(module, Conv1D) else weight
-
-
-def removed_rank(module: nn.Module, config: KaSAConfig, name: str) -> int:
-    """How many singular triplets KaSA removes from ``module`` (validates ``r`` for this layer)."""
-    out_features, in_features = weight_shape(module)
-    k = min(out_features, in_features)
-    if config.r >= k:
-        raise ValueError(
-            f"r={config.r} must be < min(in, out)={k} for {name} ({out_features}x{in_features}); "
-            f"lower r or exclude {name.rsplit('.', 1)[-1]!r} with exclude_modules"
-        )
-    if config.truncation == "paper":
-        return config.r
-    # The official code keeps in_features - r components, so only the excess over that is dropped.
-    return max(0, k - (in_features - config.r))
-
-
-def find_targets(model: nn.Module, config: KaSAConfig) -> dict[str, nn.Module]:
-    """The modules ``config`` selects, by their first qualified name, validated: supported, floating-point, with
-    values (not ``meta``), and at least one. A module registered under several names is one target: selected
-    when any of its names is, unless any of them is excluded."""
-    head = _output_head(model)
-    names_of: dict[int, list[str]] = {}
-    modules: dict[int, nn.Module] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if name:
-            names_of.setdefault(id(module), []).append(name)
-            modules[id(module)] = module
-    selected: dict[str, nn.Module] = {}
-    for key, names in names_of.items():
-        module = modules[key]
-        if config.exclude_modules is not None and any(_matches(n, config.exclude_modules) for n in names):
-            continue
-        if config.target_modules == "all-linear":
-            chosen = isinstance(module, SUPPORTED_BASE_LAYERS) and module is not head
-        else:
-            chosen = any(_matches(n, config.target_modules) for n in names)
-        if chosen:
-            selected[names[0]] = module
-    if not selected:
-        candidates = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, SUPPORTED_BASE_LAYERS)}
-        )
-        raise ValueError(
-            f"target_modules={config.target_modules!r} matched no module of {type(model).__name__}; "
-            f"Linear/Conv1D module names in this model: {candidates}"
-        )
-    for name, module in selected.items():
-        check_supported(name, module)
-    return selected
-
-
-def check_supported(name: str, module: nn.Module) -> None:
-    """Raise unless ``module`` (named ``name``) is a Linear/Conv1D KaSA can wrap, holding a plain fp16/bf16/fp32/
-    fp64 weight with values."""
-    if not isinstance(module, SUPPORTED_BASE_LAYERS):
-        raise TypeError(
-            f"{name} is {_article(type(module).__name__)} {type(module).__name__}, which KaSA cannot wrap: "
-            "supported are nn.Linear and transformers' Conv1D. Narrow target_modules or add it to exclude_modules"
-        )
-    check_base_weight(module.weight, f"{name} ({type(module).__name__})")
-
-
-def shared_weight_users(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, list[str]]:
-    """For each target whose weight memory another module of ``model`` also holds (the same ``Parameter``, a
-    tied weight, or an overlapping view), the qualified names of those other tensors; targets with a weight of
-    their own are absent."""
-    by_memory: dict[tuple, list[tuple[str, int, int, nn.Module]]] = {}
-    wrapped = {id(m.base_layer) for m in model.modules() if isinstance(m, KaSALinear)}
-    for module_name, module in model.named_modules():
-        if id(module) in wrapped:  # named as the KaSA layer the user knows, not "<name>.base_layer"
-            module_name = module_name.removesuffix(".base_layer")
-        prefix = f"{module_name}." if module_name else ""
-        holders = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-        for tensor_name, tensor in holders:
-            key, start, end = _memory_span(tensor)
-            by_memory.setdefault(key, []).append((prefix + tensor_name, start, end, module))
-    shared = {}
-    for name, module in targets.items():
-        key, start, end = _memory_span(module.weight)
-        users = [
-            user
-            for user, user_start, user_end, owner in by_memory.get(key, [])
-            if owner is not module and user_start < end and start < user_end
-        ]
-        if users:
-            shared[name] = users
-    return shared
-
-
-def check_shared_weights(model: nn.Module, targets: dict[str, nn.Module], base_mode: str) -> None:
-    """Raise, naming the modules and the fixes, if ``base_mode`` would change a weight that a target shares with
-    another module: ``in_place`` truncates the shared memory for every user. ``non_destructive`` never writes
-    it, so any sharing is allowed there (each adapted module computes with its own adapted weight, the other
-    users with the original). ``apply_kasa`` and adapter loading apply this same rule."""
-    if base_mode == "non_destructive":
-        return
-    shared = shared_weight_users(model, targets)
-    if not shared:
-        return
-    pairs = "; ".join(f"{name}.weight with {', '.join(users)}" for name, users in list(shared.items())[:3])
-    first = next(iter(shared))
-    raise ValueError(
-        f"{len(shared)} target(s) share their weight with other modules ({pairs}): base_mode='in_place' would "
-        "truncate the shared weight for every user (twice when two of them are adapted). Use "
-        "base_mode='non_destructive' (or 'auto', which picks it here): the shared weight stays untouched, each "
-        "adapted module computes with W - R plus its own update and the other users with W. Or exclude "
-        f"{first.rsplit('.', 1)[-1]!r} with exclude_modules, or untie the weights first (for tied embeddings: "
-        "from_pretrained(..., tie_word_embeddings=False))"
-    )
-
-
 def install_kasa_layers(model: nn.Module, layers: dict[str, KaSALinear], config: KaSAConfig) -> None:
     """Put each layer in place of its base layer under every name the base layer has in ``model``, freeze all
     but the adapter parameters, record ``config`` as ``model.kasa_config`` and make ``save_pretrained`` refuse
@@ -301,66 +129,6 @@ def freeze_all_but_adapters(model: nn.Module) -> None:
     for layer in kasa_layers(model).values():
         for param in layer.adapter_params().values():
             param.requires_grad_(True)
-
-
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Replace every KaSA layer by its base layer holding ``W_trunc + dW``: a plain model, same outputs.
-
-    Works in place and returns ``model`` itself: its original weights are gone afterwards (keep the adapter with
-    ``save_kasa_adapter`` first, or call ``unload`` instead). Every layer is checked before the first weight is
-    written (a whole, finite, unshared weight; finite adapter factors; a result within the base dtype's range).
-    """
-    layers = _require_kasa_layers(model, "merge_and_unload")
-    shared = shared_weight_users(model, {name: layer.base_layer for name, layer in layers.items()})
-    if shared:
-        name, users = next(iter(shared.items()))
-        raise ValueError(
-            f"cannot merge {name}: its weight is shared with {', '.join(users)}, which compute with the original "
-            "weight (or their own adapter), so one merged weight cannot serve them all. Nothing was changed. Keep "
-            "the adapter (kasa_trl.save_kasa_adapter) or take it out with kasa_trl.unload(model); to merge, untie "
-            "the weights before applying KaSA"
-        )
-    for name, layer in layers.items():
-        if not layer.merged:
-            layer.check_base_write("merge", name)
-    merged_here: list[KaSALinear] = []
-    try:
-        for layer in layers.values():
-            if not layer.merged:
-                layer.merge()
-                merged_here.append(layer)
-    except BaseException:
-        for layer in reversed(merged_here):
-            layer.unmerge()
-        raise
-    _take_out(model, layers)
-    return model
-
-
-def unload(model: nn.Module) -> nn.Module:
-    """Replace every KaSA layer by its base layer holding the ORIGINAL weight: bit-exact for an unmerged
-    non-destructive layer, within one rounding of the base dtype otherwise (in place, or merged with
-    ``layer.merge()``). Works in place and returns ``model`` itself; every layer is checked before the first
-    weight is written."""
-    layers = _require_kasa_layers(model, "unload")
-    for name, layer in layers.items():
-        if layer.merged or layer.base_mode == "in_place":
-            layer.check_base_write("restore_base", name)
-    restored: list[tuple[KaSALinear, str, bool]] = []
-    try:
-        for layer in layers.values():
-            before = (layer, layer.base_mode, layer.merged)
-            layer.restore_base()
-            restored.append(before)
-    except BaseException:
-        for layer, base_mode, merged in reversed(restored):
-            if base_mode == "in_place":
-                layer.truncate_base()
-            if merged:
-                layer.merge()
-        raise
-    _take_out(model, layers)
-    return model
 
 
 @contextlib.contextmanager
@@ -389,9 +157,7 @@ def _build_layers(
     in_place = config.base_mode == "in_place"
     try:
         for name, module in targets.items():
-            left, right, *known = factors[
-                name
-            ]  # the sharded decomposer also returns the original's fingerprint
+            left, right, *known = factors[name]  # the sharded decomposer also returns the fingerprint
             fingerprint = known[0] if known else None
             layer_args = dict(
                 r=config.r,
@@ -453,21 +219,9 @@ def truncation_rounding_error(weight: torch.Tensor, left: torch.Tensor, right: t
     return float(torch.linalg.matrix_norm(stored - exact)) / norm if norm > 0 else 0.0
 
 
-def _require_kasa_layers(model: nn.Module, operation: str) -> dict[str, KaSALinear]:
-    layers = kasa_layers(model)
-    if not layers:
-        raise ValueError(
-            f"{operation}: {type(model).__name__} carries no KaSA layers, so there is nothing to take out (it was "
-            "never adapted, or already merged or unloaded). merge_and_unload and unload work in place and return "
-            "the model itself: after merge_and_unload(model) the original weights are gone. To get the original "
-            "base back, call kasa_trl.unload(model) instead of merging, or reload the base model; keep the adapter "
-            "with kasa_trl.save_kasa_adapter(model, dir) before merging"
-        )
-    return layers
-
-
-def _take_out(model: nn.Module, layers: dict[str, KaSALinear]) -> None:
-    """Put every layer's base layer back under each of its names; drop the config and the save refusal."""
+def uninstall_kasa_layers(model: nn.Module, layers: dict[str, KaSALinear]) -> None:
+    """Inverse of ``install_kasa_layers``: put every layer's base layer back under each of its names; drop
+    ``model.kasa_config`` and the ``save_pretrained`` refusal. The base weights are left as they are."""
     slots = _module_slots(model)
     for layer in layers.values():
         for parent, key in slots[id(layer)]:
@@ -490,17 +244,6 @@ def _module_slots(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return slots
 
 
-def _memory_span(tensor: torch.Tensor) -> tuple[tuple, int, int]:
-    """``(memory key, first byte, end byte)`` of what ``tensor`` covers: tensors overlap when their keys are
-    equal and their byte ranges intersect. A ZeRO-3 parameter is keyed by itself (its data is a placeholder)."""
-    if is_partitioned(tensor) or tensor.numel() == 0 or tensor.device.type == "meta":
-        return ("tensor", id(tensor)), 0, 1
-    size = tensor.element_size()
-    start = tensor.storage_offset() * size
-    extent = 1 + sum((n - 1) * stride for n, stride in zip(tensor.shape, tensor.stride(), strict=True))
-    return (str(tensor.device), tensor.untyped_storage().data_ptr()), start, start + extent * size
-
-
 class _SavePretrainedRefusal:
     """Stands in for ``save_pretrained`` on a model carrying KaSA layers (an instance attribute that shadows the
     method; picklable, and it holds no reference to the model)."""
@@ -514,47 +257,3 @@ class _SavePretrainedRefusal:
 
 def _has_save_pretrained(module: nn.Module) -> bool:
     return not isinstance(module, KaSALinear) and callable(getattr(type(module), "save_pretrained", None))
-
-
-def _matches(name: str, pattern: list[str] | str) -> bool:
-    if isinstance(pattern, str):
-        return re.fullmatch(pattern, name) is not None
-    return any(name == p or name.endswith("." + p) for p in pattern)
-
-
-def _output_head(model: nn.Module) -> nn.Module | None:
-    get_head = getattr(model, "get_output_embeddings", None)
-    if callable(get_head):
-        with contextlib.suppress(Exception):
-            return get_head()
-    return None
-
-
-def _article(word: str) -> str:
-    return "an" if word[:1].lower() in "aeiou" else "a"
-
-
-def _check_finite_weight(name: str, weight: torch.Tensor) -> None:
-    if not torch.isfinite(weight).all():
-        raise ValueError(
-            f"{name} has non-finite (NaN/Inf) weights; KaSA cannot decompose it. Check the checkpoint or "
-            "exclude the module"
-        )
-
-
-def _progress(items, desc: str):
-    items = list(items)
-    rank = int(os.environ.get("RANK", "0"))
-    return tqdm(items, desc=desc, unit="layer", disable=rank != 0 or len(items) < 2, leave=False)
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    # Kept for kasa_trl.adapter_io until it installs through install_kasa_layers (every name of a module).
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
-# Old private names kasa_trl.adapter_io still imports; the public ones above replace them.
-_check_supported = check_supported
-_freeze_all_but_adapters = freeze_all_but_adapters

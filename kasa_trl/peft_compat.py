@@ -1,6 +1,7 @@
-"""PEFT's ``LoraConfig(kasa_config=KasaConfig(beta, gamma))`` as a ``KaSAConfig``: the one mapping, field by field.
+"""PEFT's ``LoraConfig(kasa_config=KasaConfig(beta, gamma))`` and ``KaSAConfig``: the one mapping, field by field,
+both ways (``kasa_config_from_lora``, ``lora_fields_from_kasa``).
 
-Both places that meet a PEFT config use it: ``KaSATrainer(peft_config=LoraConfig(...))`` (a new adapter) and
+Every place that meets a PEFT config uses it: ``KaSATrainer(peft_config=LoraConfig(...))`` (a new adapter) and
 ``kasa_trl.integrations.peft.import_peft_kasa`` (a saved PEFT KaSA adapter). Every field of PEFT 0.21's ``LoraConfig`` is
 mapped, accepted because it cannot change the result, or refused by name with what to do; nothing is dropped
 silently. A field this module does not know (a newer PEFT) is refused unless it is empty (``None``, ``False``,
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -173,6 +175,32 @@ def kasa_config_from_lora(
         "regularizer_reduction": "sum",
     }
     return KaSAConfig(**{**mapped, **overrides})
+
+
+def lora_fields_from_kasa(config: KaSAConfig) -> dict[str, Any]:
+    """The ``LoraConfig`` fields (``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``kasa_config``) that
+    give PEFT's KaSA the model settings and regularizers of ``config``: the inverse of ``kasa_config_from_lora``
+    on what PEFT can hold. The targets are the caller's (an adapter knows its modules exactly).
+
+    Warns:
+        UserWarning: ``config`` uses regularizers other than beta and gamma, or the ``mean`` reduction, which
+        PEFT's ``KasaConfig`` cannot hold (they only shape training).
+    """
+    weights = dict(config.regularizers)
+    beta, gamma = weights.pop(BETA_REGULARIZER, 0.0), weights.pop(GAMMA_REGULARIZER, 0.0)
+    if weights or config.regularizer_reduction != "sum":
+        warnings.warn(
+            f"PEFT's KasaConfig holds only beta ({BETA_REGULARIZER}) and gamma ({GAMMA_REGULARIZER}) summed over "
+            f"layers; regularizers {sorted(weights)} and reduction={config.regularizer_reduction!r} are not exported",
+            stacklevel=3,
+        )
+    return {
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "use_rslora": config.use_rslora,
+        "kasa_config": {"beta": beta, "gamma": gamma},
+    }
 
 
 def _as_dict(config: Any, where: str) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .layer import KaSALinear
+from .model import kasa_layers
 from .regularizers import REDUCTIONS, evaluate_regularizer, get_regularizer, validate_regularizer_weights
 
 
@@ -108,10 +109,6 @@ class PenaltySession:
                 reduced[name] = reduced.get(name, 0) + value * self.layer_weight
         return reduced
 
-    def layer_values(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Per layer, each regularizer's (detached) value from this micro-batch."""
-        return self._values
-
     def total(self) -> torch.Tensor | None:
         """The weighted penalty of this micro-batch (detached), or None if no layer ran."""
         values = self.values()
@@ -181,18 +178,8 @@ def attach_penalties(
     model: nn.Module, weights: Mapping[str, float], reduction: str = "sum"
 ) -> PenaltySession:
     """Install a ``PenaltySession`` on every KaSA layer of ``model`` and return it."""
-    from .model import kasa_layers
-
     layers = kasa_layers(model)
     session = PenaltySession(layers, weights, reduction)
     for layer in layers.values():
         layer.penalty_hook = session
     return session
-
-
-def detach_penalties(model: nn.Module) -> None:
-    """Remove the hooks ``attach_penalties`` installed."""
-    from .model import kasa_layers
-
-    for layer in kasa_layers(model).values():
-        layer.penalty_hook = None

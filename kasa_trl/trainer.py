@@ -25,6 +25,7 @@ from trl import SFTTrainer
 from .adapter_io import layer_tensors, model_name_or_path, read_adapter, write_adapter
 from .checkpoint import last_complete_checkpoint
 from .config import KaSAConfig, config_differences, format_differences
+from .distributed import gathered
 from .model import apply_kasa, get_kasa_config, kasa_layers
 from .penalty import PenaltySession, attach_penalties
 from .training_guards import (
@@ -167,12 +168,10 @@ class KaSATrainerMixin:
     # -- saving and loading ----------------------------------------------------------------------------
     def kasa_adapter_tensors(self) -> dict[str, torch.Tensor]:
         """The adapter's tensors, gathered under ZeRO-3 (a collective: every rank must call it)."""
-        from .distributed import gathered
-
         tensors: dict[str, torch.Tensor] = {}
         for name, layer in kasa_layers(self.model).items():
             with gathered(list(layer.adapter_params().values())):
-                tensors.update(layer_tensors(name, layer))
+                tensors.update({f"{name}.{key}": t for key, t in layer_tensors(layer).items()})
         return tensors
 
     def train(

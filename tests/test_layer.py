@@ -175,7 +175,7 @@ def test_rejects_unsupported_base_and_bad_factors():
         KaSALinear(nn.Linear(4, 6), torch.zeros(4, 1), torch.zeros(1, 4), r=1, lora_alpha=1)
 
 
-# "stacked": non-destructive mode's one-pass path (_StackedDown/_StackedUp); "separate": the general path, forced.
+# "stacked": non-destructive mode's one-pass path (kasa_trl.stacked); "separate": the general path, forced.
 PATHS = [("in_place", "separate"), ("non_destructive", "stacked"), ("non_destructive", "separate")]
 
 

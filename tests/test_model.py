@@ -178,13 +178,13 @@ def test_interrupted_decomposition_leaves_no_worker_threads(monkeypatch):
     (not when the traceback holding them is dropped), and the model is untouched."""
     import threading
 
-    import kasa_trl.model
+    import kasa_trl.target_decomposition
 
     def interrupted(items, _description):
         yield next(iter(items))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(kasa_trl.model, "_progress", interrupted)
+    monkeypatch.setattr(kasa_trl.target_decomposition, "_progress", interrupted)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -15,7 +15,9 @@ from torch import nn
 
 import kasa_trl.model
 from kasa_trl import KaSAConfig, KaSALinear, apply_kasa, kasa_layers, merge_and_unload, unload
-from kasa_trl.model import SAVE_PRETRAINED_REFUSAL, decompose_targets, kasa_adapters_disabled
+from kasa_trl.model import SAVE_PRETRAINED_REFUSAL, kasa_adapters_disabled
+from kasa_trl.target_decomposition import decompose_targets
+from kasa_trl.targets import find_targets
 from kasa_trl.tiny import build_tiny_gpt2, build_tiny_llama
 
 from .conftest import VOCAB, randomize_adapters
@@ -160,7 +162,7 @@ def test_interrupt_while_building_the_last_layer_undoes_the_truncations(builder,
     fp32 ulp of max(|W|, |W_trunc|); measured: 1-15% of the elements of the tiny models' weights)."""
     model = builder(VOCAB).eval()
     before = _state(model)
-    targets = kasa_trl.model.find_targets(model, KaSAConfig(r=2))
+    targets = find_targets(model, KaSAConfig(r=2))
     _FailsOnLast.last = list(targets.values())[-1]
     monkeypatch.setattr(kasa_trl.model, "KaSALinear", _FailsOnLast)
     with pytest.raises(KeyboardInterrupt):

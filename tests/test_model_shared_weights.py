@@ -13,7 +13,7 @@ from torch import nn
 
 from kasa_trl import KaSAConfig, KaSALinear, apply_kasa, kasa_layers, merge_and_unload, unload
 from kasa_trl.decomposition import minor_components
-from kasa_trl.model import check_shared_weights, shared_weight_users
+from kasa_trl.shared_weights import check_shared_weights, shared_weight_users
 from kasa_trl.tiny import build_tiny_llama
 
 from .conftest import VOCAB, randomize_adapters

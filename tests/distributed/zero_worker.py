@@ -103,8 +103,8 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     else:
         model = build_tiny_llama(len(tokenizer), seed=0)
-    import kasa_trl.distributed
     import kasa_trl.model
+    import kasa_trl.target_decomposition
 
     decomposed: list[str] = []
 
@@ -114,7 +114,7 @@ def main() -> None:
 
     from kasa_trl.decomposition import minor_components
 
-    kasa_trl.distributed.minor_components = counting  # the ZeRO runs decompose through sharded_decompose
+    kasa_trl.target_decomposition.minor_components = counting  # ZeRO runs decompose in sharded_decompose
     # Gathers while building the layers (each rank should write its own partition instead).
     layer_gathers: list[str] = []
 

@@ -10,9 +10,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kasa_trl.adapter_io import model_name_or_path, read_adapter, read_adapter_info, verify_adapter_base
+from kasa_trl.adapter_io import (
+    layer_tensors,
+    model_name_or_path,
+    read_adapter,
+    read_adapter_info,
+    verify_adapter_base,
+)
 from kasa_trl.config import KaSAConfig
 from kasa_trl.model import get_kasa_config, kasa_layers
+from kasa_trl.weights import stores_transposed
 
 FACTOR_KEYS = ("lora_A", "lora_B", "lora_diag", "removed_left", "removed_right")
 
@@ -70,14 +77,10 @@ def _from_model(model: nn.Module, base_model_name_or_path: str | None) -> KaSASo
         )
     config = get_kasa_config(model)
     tensors = {
-        name: {
-            **{key: p.detach().cpu() for key, p in layer.adapter_params().items()},
-            "removed_left": layer.removed_left.detach().cpu(),
-            "removed_right": layer.removed_right.detach().cpu(),
-        }
+        name: {key: t for key, t in layer_tensors(layer).items() if key in FACTOR_KEYS}
         for name, layer in layers.items()
     }
-    conv1d = {name: layer.fan_in_fan_out for name, layer in layers.items()}
+    conv1d = {name: stores_transposed(layer.base_layer) for name, layer in layers.items()}
     if base_model_name_or_path is None:
         base_model_name_or_path = model_name_or_path(model)
     return KaSASource(config, tensors, conv1d, base_model_name_or_path, None)
@@ -140,7 +143,6 @@ def _inspect_base(
             adapter was trained on (the fingerprint rule of ``load_kasa_adapter``).
     """
     from transformers import AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
 
     is_local = os.path.isdir(base)
     try:
@@ -157,7 +159,7 @@ def _inspect_base(
         )
         return None
     modules = dict(model.named_modules())
-    conv1d = {name: isinstance(modules.get(name), Conv1D) for name in layers}
+    conv1d = {name: name in modules and stores_transposed(modules[name]) for name in layers}
     try:
         verify_adapter_base(model, directory)
     except ValueError as e:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,9 @@ from torch import nn
 
 from kasa_trl.adapter_io import ADAPTER_FILE
 from kasa_trl.atomic_outputs import atomic_output_dir, check_output_dir
-from kasa_trl.model import apply_kasa, base_weight, kasa_layers
-from kasa_trl.peft_compat import BETA_REGULARIZER, GAMMA_REGULARIZER, kasa_config_from_lora
+from kasa_trl.model import apply_kasa, kasa_layers
+from kasa_trl.peft_compat import kasa_config_from_lora, lora_fields_from_kasa
+from kasa_trl.targets import check_adapter_fits
 
 from ._peft_format import (
     CONFIG_NAME,
@@ -79,7 +79,7 @@ def import_peft_kasa(
     )
     layers = _group_layers(state, r=config.r)
     for name, tensors in layers.items():
-        _check_target(model, name, tensors)
+        _check_target(model, name, tensors, config.r, where)
     apply_kasa(model, config)
     with torch.no_grad():
         for name, layer in kasa_layers(model).items():
@@ -132,14 +132,6 @@ def export_peft_kasa(
                 f"always removes r={config.r}, so PEFT would compute something else; use "
                 "kasa_trl.integrations.peft.export_lora for an exact plain-LoRA export"
             )
-    weights = dict(config.regularizers)
-    beta, gamma = weights.pop(BETA_REGULARIZER, 0.0), weights.pop(GAMMA_REGULARIZER, 0.0)
-    if weights or config.regularizer_reduction != "sum":
-        warnings.warn(
-            f"PEFT's KasaConfig holds only beta ({BETA_REGULARIZER}) and gamma ({GAMMA_REGULARIZER}) summed over "
-            f"layers; regularizers {sorted(weights)} and reduction={config.regularizer_reduction!r} are not exported",
-            stacklevel=2,
-        )
     tensors = {}
     for name, t in source.layers.items():
         for key, suffix in (
@@ -149,15 +141,11 @@ def export_peft_kasa(
         ):
             tensors[f"{KEY_PREFIX}{name}.{suffix}"] = t[key]
     peft_config = lora_config_dict(
-        r=config.r,
-        lora_alpha=config.lora_alpha,
+        **lora_fields_from_kasa(config),
         # Full names: PEFT's truncation is destructive, so it must touch exactly the adapted modules.
         target_modules=sorted(source.layers),
         base_model_name_or_path=source.base_model_name_or_path,
         task_type=task_type,
-        lora_dropout=config.lora_dropout,
-        use_rslora=config.use_rslora,
-        kasa_config={"beta": beta, "gamma": gamma},
     )
     provenance = {"export": "peft_kasa", "kasa_config": config.to_dict()}
     with atomic_output_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
@@ -273,7 +261,7 @@ def _group_layers(state: dict[str, torch.Tensor], *, r: int) -> dict[str, dict[s
     return layers
 
 
-def _check_target(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+def _check_target(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], r: int, where: str) -> None:
     try:
         module = model.get_submodule(name)
     except AttributeError:
@@ -282,9 +270,4 @@ def _check_target(model: nn.Module, name: str, tensors: dict[str, torch.Tensor])
         ) from None
     if not isinstance(module, nn.Linear):
         raise ValueError(f"{name} is a {type(module).__name__}; PEFT's KaSA adapts nn.Linear layers only")
-    shape = (tensors["lora_B"].shape[0], tensors["lora_A"].shape[1])
-    if tuple(base_weight(module).shape) != shape:
-        raise ValueError(
-            f"{name} is {tuple(base_weight(module).shape)} (out, in) but the PEFT adapter was trained on a {shape} "
-            "weight; pass its base model"
-        )
+    check_adapter_fits(name, module, tensors, r, where)

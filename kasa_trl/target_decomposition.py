@@ -1,0 +1,126 @@
+"""Decomposing a model's target weights: what ``apply_kasa`` removes from each, in one process or over ZeRO-3 ranks.
+
+A decomposer maps the targets (``{name: module}``) and how many triplets to remove from each to the removed factors
+``(left (out, n), right (n, in))`` of every target, optionally followed by the original weight's fingerprint.
+
+- ``decompose_targets``: one process; several weights at once on CPU cores (``decomposition.minor_components_many``).
+- ``sharded_decompose``: under ZeRO-3 (or any process group) no rank holds a whole weight outside a gather. The
+  targets, largest first, are taken ``world_size`` at a time, each group is gathered once, rank ``i % world_size``
+  decomposes target ``i`` (and fingerprints its original weight) while the others decompose theirs, and only the
+  rank-n factors and fingerprints travel afterwards (a broadcast from each owner). Every rank then holds the same
+  factors, and ``distributed.truncate_partition`` truncates each rank's own partition without a second gather.
+
+Profiler scope (``torch.profiler.record_function``): ``kasa_trl.sharded_decompose``, one call of the schedule (its
+``kasa_trl.gather`` and ``kasa_trl.decompose`` scopes inside).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.profiler import record_function
+from tqdm.auto import tqdm
+
+from .config import KaSAConfig
+from .decomposition import minor_components, minor_components_many
+from .distributed import gathered, is_partitioned, rank_and_world
+from .fingerprint import N_PROBES, weight_fingerprint
+from .weights import base_weight, weight_shape
+
+# The removed factors ``(left, right)`` of every target, optionally followed by the original weight's fingerprint.
+Decomposer = Callable[[dict[str, nn.Module], dict[str, int], KaSAConfig], dict[str, tuple[torch.Tensor, ...]]]
+
+_Item = TypeVar("_Item")
+
+
+def decompose_targets(
+    targets: dict[str, nn.Module], n_removed: dict[str, int], config: KaSAConfig
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The removed factors ``(left (out, n), right (n, in))`` of each target (several at once on CPU cores)."""
+    names = list(targets)
+    weights = [base_weight(targets[name]) for name in names]
+    ns = [n_removed[name] for name in names]
+    factors = {}
+    # closing: interrupted between two layers (Ctrl-C), the worker threads are shut down here, not whenever the
+    # generator is collected (an error raised inside the decomposition ends the generator itself).
+    with contextlib.closing(minor_components_many(weights, ns, config.decomposition_method)) as results:
+        for name, weight in _progress(list(zip(names, weights, strict=True)), "KaSA: decomposing"):
+            try:
+                factors[name] = next(results)
+            except ValueError as error:
+                # The decomposition finds a non-finite weight in its own pass (for the scale): name the layer
+                # (nothing was modified yet), as for its other refusals (removed values beyond the factor dtype).
+                _check_finite_weight(name, weight)
+                raise ValueError(f"{name}: {error}") from error
+    return factors
+
+
+def sharded_decompose(
+    targets: dict[str, nn.Module], n_removed: dict[str, int], config: KaSAConfig
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(left, right, fingerprint of the original weight)`` of every target, decomposed once in all (each rank
+    its share), known to all ranks (a collective: every rank calls it with the same targets)."""
+    with record_function("kasa_trl.sharded_decompose"):
+        return _sharded_decompose(targets, n_removed, config)
+
+
+def _sharded_decompose(
+    targets: dict[str, nn.Module], n_removed: dict[str, int], config: KaSAConfig
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    rank, world = rank_and_world()
+    # Largest first, so the ranks of a group decompose weights of one size and none waits long for another
+    # (a stable sort of the same list on every rank: the same schedule everywhere).
+    names = sorted(targets, key=lambda name: -math.prod(weight_shape(targets[name])))
+    owner = {name: i % world for i, name in enumerate(names)}
+    mine: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    groups = [names[i : i + world] for i in range(0, len(names), world)]
+    for group in _progress(groups, f"KaSA: decomposing ({world} ranks)"):
+        with gathered([targets[name].weight for name in group]):
+            for name in group:  # every rank checks every weight: all raise together, none hangs
+                _check_finite_weight(name, base_weight(targets[name]))
+            for name in group:
+                if owner[name] == rank:
+                    weight = base_weight(targets[name])
+                    left, right = minor_components(weight, n_removed[name], config.decomposition_method)
+                    mine[name] = (left, right, weight_fingerprint(weight))
+    if world == 1:
+        return mine
+    factors = {}
+    for name in names:
+        module = targets[name]
+        out_features, in_features = weight_shape(module)
+        weight = module.weight
+        device = weight.ds_tensor.device if is_partitioned(weight) else weight.device
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        if owner[name] == rank:
+            left, right, fingerprint = (t.to(device).contiguous() for t in mine[name])
+        else:
+            left = torch.empty(out_features, n_removed[name], device=device, dtype=dtype)
+            right = torch.empty(n_removed[name], in_features, device=device, dtype=dtype)
+            fingerprint = torch.empty(N_PROBES + 1, device=device, dtype=torch.float64)
+        for t in (left, right, fingerprint):
+            dist.broadcast(t, src=owner[name])
+        factors[name] = (left, right, fingerprint.cpu())
+    return factors
+
+
+def _check_finite_weight(name: str, weight: torch.Tensor) -> None:
+    if not torch.isfinite(weight).all():
+        raise ValueError(
+            f"{name} has non-finite (NaN/Inf) weights; KaSA cannot decompose it. Check the checkpoint or "
+            "exclude the module"
+        )
+
+
+def _progress(items: Iterable[_Item], desc: str) -> Iterable[_Item]:
+    """``items`` with a progress bar on rank 0 when there are several (``RANK``: set by every launcher)."""
+    items = list(items)
+    rank = int(os.environ.get("RANK", "0"))
+    return tqdm(items, desc=desc, unit="layer", disable=rank != 0 or len(items) < 2, leave=False)
