@@ -33,13 +33,14 @@ import functools
 import operator
 import re
 import warnings
+from typing import SupportsIndex
 
 import torch
 from torch import Tensor
 
 _F64, _I32 = torch.float64, torch.int32
 
-# Each routine's prototype as SciPy's Cython API declares it (scipy/linalg/cython_blas.pxd, cython_lapack.pxd), with
+# Each routine's prototype as SciPy's Cython API declares it (the .pxd files of scipy.linalg.cython_blas, cython_lapack), with
 # SciPy's ``d`` written ``double`` and its ``bint`` (a C int) written ``int``; the names are LAPACK's.
 _PROTOTYPES = {
     "dsyrk": (
@@ -168,8 +169,8 @@ class _Call:
         return f"LAPACK {self.routine} argument {name}"
 
     def option(self, name: str, value: object, allowed: bytes) -> bytes:
-        letters = " or ".join(repr(bytes([letter])) for letter in allowed)
         if not isinstance(value, bytes) or len(value) != 1 or value not in allowed:
+            letters = " or ".join(repr(bytes([letter])) for letter in allowed)
             raise (ValueError if isinstance(value, bytes) else TypeError)(
                 f"{self._where(name)}: must be {letters}, got {value!r}"
             )
@@ -179,12 +180,13 @@ class _Call:
     def integer(self, name: str, value: object, low: int = -(2**31), high: int = 2**31 - 1) -> ctypes.c_int:
         """``value`` as a C int (a Python int; ``low <= value <= high``); read ``.value`` after the call for an
         output."""
+        wrong_kind = TypeError(f"{self._where(name)}: must be an int, got {type(value).__name__}")
+        if isinstance(value, bool) or not isinstance(value, SupportsIndex):
+            raise wrong_kind
         try:
-            if isinstance(value, bool):
-                raise TypeError
-            number = operator.index(value)  # type: ignore[call-overload]
-        except TypeError:
-            raise TypeError(f"{self._where(name)}: must be an int, got {type(value).__name__}") from None
+            number = operator.index(value)
+        except TypeError:  # a float tensor has __index__, and refuses
+            raise wrong_kind from None
         if not low <= number <= high:
             raise ValueError(f"{self._where(name)}: must be in [{low}, {high}], got {number}")
         self.args[name] = c_int = ctypes.c_int(number)
