@@ -40,8 +40,8 @@ from torch import Tensor
 
 _F64, _I32 = torch.float64, torch.int32
 
-# Each routine's prototype as SciPy's Cython API declares it (the .pxd files of scipy.linalg.cython_blas, cython_lapack), with
-# SciPy's ``d`` written ``double`` and its ``bint`` (a C int) written ``int``; the names are LAPACK's.
+# Each routine's prototype as SciPy's Cython API declares it (the .pxd of scipy.linalg.cython_blas / cython_lapack),
+# with SciPy's ``d`` written ``double`` and its ``bint`` (a C int) written ``int``; the names are LAPACK's.
 _PROTOTYPES = {
     "dsyrk": (
         "cython_blas",
