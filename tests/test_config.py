@@ -58,3 +58,29 @@ def test_user_regularizer_can_be_referenced_by_name():
 def test_round_trip_dict():
     cfg = KaSAConfig(r=3, target_modules=["q_proj"], exclude_modules="lm_head", regularizers={})
     assert KaSAConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+@pytest.mark.parametrize("r", [1, 3, 8, 12])
+def test_one_scaling_formula_for_the_config_and_the_layer(r, use_rslora):
+    import torch
+
+    from kasa_trl import KaSALinear
+    from kasa_trl.config import lora_scaling
+
+    config = KaSAConfig(r=r, lora_alpha=7, use_rslora=use_rslora)
+    expected = 7 / (math.sqrt(r) if use_rslora else r)
+    assert config.scaling == lora_scaling(7, r, use_rslora) == expected
+    base = torch.nn.Linear(16, 16)
+    layer = KaSALinear(base, torch.zeros(16, 1), torch.zeros(1, 16), r=r, lora_alpha=7, use_rslora=use_rslora)
+    assert layer.scaling == expected
+
+
+@pytest.mark.parametrize(
+    ("shape", "paper", "official"),
+    [((4, 16), 3, 0), ((16, 4), 3, 3), ((8, 10), 3, 1), ((10, 10), 3, 3)],  # (out, in); r = 3
+)
+def test_removed_rank_per_truncation(shape, paper, official):
+    """Paper: r. Official: the official code keeps in - r components, so only min(out, in) - (in - r) go."""
+    assert KaSAConfig(r=3).removed_rank(*shape) == paper
+    assert KaSAConfig(r=3, truncation="official").removed_rank(*shape) == official

@@ -200,3 +200,25 @@ def test_interrupted_decomposition_leaves_no_worker_threads(monkeypatch):
             assert torch.equal(value, before[key]), key
     finally:
         torch.set_num_threads(previous)
+
+
+def test_profiler_scopes_name_the_phases_of_apply_kasa():
+    """Each decomposition and each in-place truncation is a ``record_function`` scope (benchmarks time them
+    without patching the library); the sharded schedule is one scope around its decompositions."""
+    from torch.profiler import profile
+
+    from kasa_trl.target_decomposition import sharded_decompose
+    from kasa_trl.targets import find_targets, removed_rank
+
+    def scopes(prof) -> list[str]:
+        return [event.name for event in prof.events() if event.name.startswith("kasa_trl.")]
+
+    model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 8))
+    with profile() as prof:
+        apply_kasa(model, KaSAConfig(r=2, base_mode="in_place"))
+    assert sorted(scopes(prof)) == ["kasa_trl.decompose"] * 2 + ["kasa_trl.truncate"] * 2
+    config = KaSAConfig(r=2)
+    targets = find_targets(nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 8)), config)
+    with profile() as prof:
+        sharded_decompose(targets, {n: removed_rank(m, config, n) for n, m in targets.items()}, config)
+    assert sorted(scopes(prof)) == ["kasa_trl.decompose"] * 2 + ["kasa_trl.sharded_decompose"]

@@ -209,3 +209,25 @@ def test_layers_to_transform_adapts_the_modules_peft_adapts(tiny_llama):
             "model.layers.1.self_attn.v_proj",
         ]
     )
+
+
+def test_kasa_config_to_lora_fields_and_back():
+    """lora_fields_from_kasa is the inverse of kasa_config_from_lora on what PEFT's KaSA holds; what it cannot
+    hold (other regularizers, the mean reduction) is named in a warning."""
+    from kasa_trl.config import MODEL_FIELDS, config_differences
+    from kasa_trl.peft_compat import lora_fields_from_kasa
+
+    config = KaSAConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.1,
+        use_rslora=True,
+        regularizers={"singular_value_l2": 0.5, "orthogonality": 0.25},
+    )
+    fields = lora_fields_from_kasa(config)
+    lora = _lora(**{**fields, "kasa_config": peft.KasaConfig(**fields["kasa_config"])})
+    back = kasa_config_from_lora(lora, where="peft_config")
+    assert not config_differences(config, back, [*MODEL_FIELDS, "lora_dropout", "regularizers"])
+    odd = KaSAConfig(regularizers={"orthogonality_official": 1.0}, regularizer_reduction="mean")
+    with pytest.warns(UserWarning, match=r"regularizers \['orthogonality_official'\] and reduction='mean'"):
+        assert lora_fields_from_kasa(odd)["kasa_config"] == {"beta": 0.0, "gamma": 0.0}

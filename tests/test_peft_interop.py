@@ -258,3 +258,20 @@ def test_import_peft_kasa_rejects_wrong_inputs(tmp_path):
         import_peft_kasa(peft_model.base_model.model, peft_model)
     with pytest.raises(ValueError, match="does not have"):
         import_peft_kasa(build_tiny_gpt2(VOCAB), peft_model)
+
+
+def test_import_peft_kasa_refuses_a_base_of_other_shapes_with_the_load_wording():
+    """The shape check is the one adapter loading uses (targets.check_adapter_fits); the model is unchanged."""
+    peft_model = _peft_kasa_model()
+    model = build_tiny_llama(VOCAB)
+    model.model.layers[0].self_attn.q_proj = torch.nn.Linear(64, 48, bias=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        ValueError,
+        match=r"adapter tensor model\.layers\.0\.self_attn\.q_proj\.lora_B has shape \(64, 4\) but "
+        r"model\.layers\.0\.self_attn\.q_proj \(48x64, r=4\) needs \(48, 4\); the adapter belongs to another "
+        r"model \(PeftModel adapter active\): load it onto the base model it was trained on",
+    ):
+        import_peft_kasa(model, peft_model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
