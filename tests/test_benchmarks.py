@@ -1,28 +1,181 @@
-"""The benchmark scripts run end to end (``run_all.py --quick``) and write the JSON they promise.
+"""The benchmark scripts: their shared harness (alternation, paired ratios, forwarded options, fresh processes,
+profiler scopes), that none patches the library, and that they run end to end (``run_all.py --quick``) and write
+the JSON they promise.
 
 Timings are never asserted: on a shared CI machine they mean nothing at --quick sizes.
 """
 
+import ast
 import json
+import multiprocessing as mp
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("peft")
-pytest.importorskip("deepspeed")
-pytestmark = pytest.mark.slow
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_ALL = ROOT / "examples" / "benchmarks" / "run_all.py"
+BENCH_DIR = ROOT / "examples" / "benchmarks"
+RUN_ALL = BENCH_DIR / "run_all.py"
 BENCHMARKS = {"init_time", "zero3_init", "step_time", "load_time", "merged_inference"}
 GOAL_KEYS = {"figure", "peer", "goal", "measured", "unit", "met", "note"}
+
+sys.path.insert(0, str(BENCH_DIR))
+import harness  # noqa: E402
+import zero3_init  # noqa: E402
+
+# -- the harness ----------------------------------------------------------------------------------------------
+
+
+def test_compare_rotates_the_order_every_repetition(monkeypatch):
+    calls = []
+    monkeypatch.setattr(harness.gc, "collect", lambda: calls.append("gc"))
+    times = harness.compare(
+        ["a", "b", "c"], lambda peer, rep: calls.append((rep, peer)) or len(calls) / 2, 3, log=False
+    )
+    assert calls[::2] == ["gc"] * 9  # a collection before every measurement
+    assert calls[1::2] == [
+        (0, "a"),
+        (0, "b"),
+        (0, "c"),
+        (1, "b"),
+        (1, "c"),
+        (1, "a"),
+        (2, "c"),
+        (2, "a"),
+        (2, "b"),
+    ]
+    assert times.times == {"a": [1, 6, 8], "b": [2, 4, 9], "c": [3, 5, 7]}  # each peer's figures in rep order
+
+
+def test_ratios_pair_repetitions_and_report_median_and_quartiles():
+    times = harness.Comparison({"kasa": [1.0, 4.0, 9.0, 2.0, 5.0], "peft": [1.0, 2.0, 3.0, 1.0, 1.0]})
+    ratio = times.ratio("kasa", "peft")
+    assert ratio["per_rep"] == [1.0, 2.0, 3.0, 2.0, 5.0]  # rep by rep, not median over median (5 / 1)
+    assert (ratio["median"], ratio["q1"], ratio["q3"], ratio["min"], ratio["max"]) == (
+        2.0,
+        2.0,
+        3.0,
+        1.0,
+        5.0,
+    )
+    assert harness.quartiles(ratio) == "quartiles 2-3 over 5 repetitions"
+    single = harness.Comparison({"a": [3.0], "b": [2.0]}).ratio("a", "b")
+    assert single["median"] == single["q1"] == single["q3"] == 1.5
+
+
+def test_shared_options_are_forwarded_only_when_given_and_parse_back():
+    args = harness.parser("run all", repeats=0).parse_args(
+        ["--quick", "--r", "8", "--cond", "1e4", "--threads", "2"]
+    )
+    argv = harness.shared_argv(args)
+    assert argv == ["--quick", "--r", "8", "--threads", "2"]  # --cond 1e4 is the default: not repeated
+    again = zero3_init.parser().parse_args(argv)
+    assert (again.quick, again.r, again.threads, again.cond, again.repeats) == (True, 8, 2, 1e4, None)
+    assert harness.repeats_from_args(again) == 1  # zero3_init's own --quick default
+
+
+def test_a_fresh_process_returns_its_result_or_names_its_error():
+    ctx = mp.get_context("fork")  # the benchmarks' forkserver only starts processes faster
+    assert harness.in_fresh_process(ctx, int, "12") == 12
+    with pytest.raises(RuntimeError, match=r"int\('x',\) failed in its process: ValueError: invalid literal"):
+        harness.in_fresh_process(ctx, int, "x")
+
+
+def _scoped_run() -> list[harness.Scope]:
+    """The scopes of one simulated sharded apply_kasa: a group gathered and decomposed, then a fallback gather
+    around a truncation, then a truncation alone."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with (
+            record_function(zero3_init.SHARDED_DECOMPOSE),
+            record_function(zero3_init.GATHER),
+            record_function(zero3_init.DECOMPOSE),
+        ):
+            torch.ones(4).sum()
+        with record_function(zero3_init.GATHER), record_function(zero3_init.TRUNCATE):
+            torch.ones(4).sum()
+        with record_function(zero3_init.TRUNCATE), record_function("not_ours"):
+            torch.ones(4).sum()
+    return harness.profiled_scopes(prof)
+
+
+def test_profiled_scopes_keep_the_nesting_and_only_the_prefix():
+    scopes = {(s.name, s.within) for s in _scoped_run()}
+    assert scopes == {
+        ("kasa_trl.sharded_decompose", ()),
+        ("kasa_trl.gather", ("kasa_trl.sharded_decompose",)),
+        ("kasa_trl.decompose", ("kasa_trl.gather", "kasa_trl.sharded_decompose")),
+        ("kasa_trl.gather", ()),
+        ("kasa_trl.truncate", ("kasa_trl.gather",)),
+        ("kasa_trl.truncate", ()),
+    }
+    outer = next(s for s in _scoped_run() if s.name == "kasa_trl.sharded_decompose")
+    assert [s.name for s in outer.inner] == ["kasa_trl.gather"]
+
+
+def test_zero3_phases_count_each_scope_where_it_belongs():
+    scopes = _scoped_run()
+    seconds = {(s.name, s.within): s.seconds for s in scopes}
+    phases = zero3_init.phases(scopes)
+    assert (
+        phases["decompose"]
+        == seconds[("kasa_trl.decompose", ("kasa_trl.gather", "kasa_trl.sharded_decompose"))]
+    )
+    assert phases["sharded_decompose"] == seconds[("kasa_trl.sharded_decompose", ())]
+    assert phases["truncation_gathers"] == seconds[("kasa_trl.gather", ())]  # not the schedule's own gather
+    truncations = [s.seconds for s in scopes if s.name == "kasa_trl.truncate"]
+    assert len(truncations) == 2 and phases["truncation"] == sum(truncations)
+    assert zero3_init.phases([]) == dict.fromkeys(zero3_init.PHASES, 0.0)
+
+
+def _patched_library_names(tree: ast.Module) -> list[str]:
+    """Assignments (``x.attr = ...``, ``setattr(x, ...)``) to anything imported from kasa_trl."""
+    library = {"kasa_trl"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kasa_trl"):
+            library |= {alias.asname or alias.name for alias in node.names}
+        elif isinstance(node, ast.Import):
+            library |= {
+                alias.asname or alias.name.split(".")[0]
+                for alias in node.names
+                if alias.name.startswith("kasa_trl")
+            }
+    patched = []
+    for node in ast.walk(tree):
+        targets = (
+            node.targets
+            if isinstance(node, ast.Assign)
+            else [node.target]
+            if isinstance(node, ast.AugAssign)
+            else []
+        )
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr":
+            targets = [node.args[0]]
+        for target in targets:
+            while isinstance(target, (ast.Attribute, ast.Subscript)):
+                target = target.value
+                if isinstance(target, ast.Name) and target.id in library:
+                    patched.append(ast.unparse(node).splitlines()[0])
+    return patched
+
+
+def test_no_benchmark_patches_the_library():
+    patching = "import kasa_trl.model\nfrom kasa_trl import layer as L\nkasa_trl.model.gathered = None\nL.KaSALinear.__init__ = f\n"
+    assert len(_patched_library_names(ast.parse(patching))) == 2  # the check sees both forms
+    for path in sorted(BENCH_DIR.glob("*.py")):
+        assert _patched_library_names(ast.parse(path.read_text())) == [], f"{path.name} patches kasa_trl"
+
+
+# -- end to end -----------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
+    pytest.importorskip("peft")
+    pytest.importorskip("deepspeed")
     out = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
     cmd = [sys.executable, str(RUN_ALL), "--quick", "--out-dir", str(out)]
@@ -34,12 +187,14 @@ def report(tmp_path_factory):
     return json.loads((out / "quick.json").read_text())
 
 
+@pytest.mark.slow
 def test_every_benchmark_ran(report):
     assert report["quick"] is True
     assert report["errors"] == {}
     assert set(report["benchmarks"]) == BENCHMARKS
 
 
+@pytest.mark.slow
 def test_goals_are_well_formed(report):
     figures = {g["figure"] for g in report["goals"]}
     assert {
@@ -57,6 +212,7 @@ def test_goals_are_well_formed(report):
         assert isinstance(g["measured"], float) and g["measured"] >= 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
 def test_benchmark_result_structure(report, name):
     result = report["benchmarks"][name]
@@ -67,12 +223,15 @@ def test_benchmark_result_structure(report, name):
     assert result["settings"]["spec"]["hidden"] == 64  # --quick shapes
 
 
+@pytest.mark.slow
 def test_figures_are_sane(report):
     bench = report["benchmarks"]
     init = {row["peer"]: row for row in bench["init_time"]["rows"]}
     kasa = init["kasa_trl apply_kasa (auto)"]
     assert kasa["max_r_err"] < 1e-6  # accuracy is deterministic, unlike timings
     assert all(t > 0 for t in kasa["time_s"]["all"])
+    ratio = kasa["ratio_to_peft"]
+    assert ratio["min"] <= ratio["q1"] <= ratio["median"] <= ratio["q3"] <= ratio["max"]
 
     step = {row["peer"]: row for row in bench["step_time"]["rows"]}
     assert set(step) >= {"PEFT LoRA", "PEFT KaSA", "kasa_trl in_place", "kasa_trl non_destructive"}
@@ -91,3 +250,6 @@ def test_figures_are_sane(report):
     zero3 = {row["ranks"]: row for row in bench["zero3_init"]["rows"]}
     assert set(zero3) == {1, 2}
     assert len(zero3[2]["decompose_s_per_rank"][0]) == 2
+    # The library's profiler scopes reached the benchmark: both ranks decomposed, inside the sharded schedule.
+    for rank in zero3[2]["phases_per_rank"][0]:
+        assert 0 < rank["decompose"] <= rank["sharded_decompose"]

@@ -20,15 +20,18 @@ The ``fp32 svd`` row is a baseline (``torch.linalg.svd`` on the fp32 weight, as 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from kasa_trl.decomposition import DECOMPOSITION_METHODS, minor_components
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 BASELINE = "fp32 svd"
 # name -> whether the cut has a clear gap, so that R itself is unique and can be compared directly
@@ -80,16 +83,6 @@ def runner(method: str, weight: torch.Tensor, n: int) -> Callable[[], tuple[torc
     return lambda: minor_components(weight, n, method)
 
 
-def timed(fn: Callable[[], tuple[torch.Tensor, torch.Tensor]], device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start, result
-
-
 def accuracy(
     weight: torch.Tensor, n: int, factors: tuple, reference: tuple, gap: bool, spectra: bool
 ) -> dict:
@@ -115,13 +108,13 @@ def bench_case(shape, spectrum_name, methods, n, repeats, device, seed, check_sp
     weight = build_weight(*shape, spectrum_name, n, seed).to(device, torch.float64)
     reference = torch.linalg.svd(weight, full_matrices=False)
     gap = SPECTRA[spectrum_name]
-    times: dict[str, list[float]] = {m: [] for m in methods}
     results = {}
-    for rep in range(repeats):
-        order = methods[rep % len(methods) :] + methods[: rep % len(methods)]
-        for method in order:
-            elapsed, results[method] = timed(runner(method, weight, n), device)
-            times[method].append(elapsed)
+
+    def measure(method: str, rep: int) -> float:
+        elapsed, results[method] = harness.timed(runner(method, weight, n), device)
+        return elapsed
+
+    times = harness.compare(methods, measure, repeats, log=False)
     rows = []
     for method in methods:
         rows.append(
@@ -130,8 +123,8 @@ def bench_case(shape, spectrum_name, methods, n, repeats, device, seed, check_sp
                 "spectrum": spectrum_name,
                 "method": method,
                 "n": n,
-                "time_s": statistics.median(times[method]),
-                "times_s": times[method],
+                "time_s": statistics.median(times.times[method]),
+                "times_s": times.times[method],
                 **accuracy(weight, n, results[method], reference, gap, check_spectra),
             }
         )
@@ -156,39 +149,10 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny shapes and one repeat: a smoke test in seconds"
-    )
-    parser.add_argument(
-        "--shapes",
-        nargs="+",
-        default=None,
-        metavar="OUTxIN",
-        help="weight shapes (default 1024x2816 2816x1024 1024x1024)",
-    )
-    parser.add_argument("--device", default="cpu", help="torch device to run the decompositions on")
-    parser.add_argument("--n", type=int, default=None, help="triplets removed (default 16, 4 with --quick)")
-    parser.add_argument(
-        "--repeats", type=int, default=None, help="timed repeats per method (default 3, 1 with --quick)"
-    )
-    parser.add_argument(
-        "--spectra",
-        nargs="+",
-        default=list(SPECTRA),
-        choices=list(SPECTRA),
-        help="spectra to run (default all)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--json", default=None, metavar="PATH", help="write every row (with all repeat times) here"
-    )
-    args = parser.parse_args()
-
-    device = torch.device(args.device)
+def run(args: argparse.Namespace) -> dict:
+    device, _ = harness.setup(args)
     n = args.n if args.n is not None else (4 if args.quick else 16)
-    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    repeats = harness.repeats_from_args(args)
     shapes = [(48, 132), (132, 48), (64, 64)] if args.quick else [(1024, 2816), (2816, 1024), (1024, 1024)]
     if args.shapes:
         shapes = [tuple(int(d) for d in shape.lower().split("x")) for shape in args.shapes]
@@ -211,11 +175,32 @@ def main() -> None:
         f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, n={n}, repeats={repeats}"
     )
     print(markdown(rows))
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device), "n": n}
+    result = {"meta": {**meta, "repeats": repeats}, "rows": rows}
     if args.json:
-        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device), "n": n}
-        with open(args.json, "w") as f:
-            json.dump({"meta": {**meta, "repeats": repeats}, "rows": rows}, f, indent=2)
+        harness.write_json(args.json, result)
+    return result
+
+
+def parser() -> argparse.ArgumentParser:
+    p = harness.parser(__doc__, repeats=3, quick_repeats=1, model=False)
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        default=None,
+        metavar="OUTxIN",
+        help="weight shapes (default 1024x2816 2816x1024 1024x1024)",
+    )
+    p.add_argument("--n", type=int, default=None, help="triplets removed (default 16, 4 with --quick)")
+    p.add_argument(
+        "--spectra",
+        nargs="+",
+        default=list(SPECTRA),
+        choices=list(SPECTRA),
+        help="spectra to run (default all)",
+    )
+    return p
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(parser, run)

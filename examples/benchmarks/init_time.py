@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import harness  # noqa: E402
+import workload  # noqa: E402
 
 GOAL_RATIO = 1 / 3
 GOAL_R_ERR = 1e-6
@@ -36,13 +37,11 @@ def kasa_peer(method: str) -> str:
     return f"kasa_trl apply_kasa ({method})"
 
 
-def _adapt(name: str, model: torch.nn.Module, spec: common.ModelSpec) -> torch.nn.Module:
-    if name == PEFT_PEER:
-        return common.apply_peer(model, common.PEFT_KASA, spec)
-    from kasa_trl import apply_kasa
-
-    method = name[name.index("(") + 1 : -1]
-    return apply_kasa(model, common.kasa_config(spec, "in_place", method))
+def peers(spec: workload.ModelSpec, methods: list[str]) -> dict:
+    """Peer name -> how it adapts a model: kasa_trl with each decomposition method, then PEFT."""
+    adapt = {kasa_peer(m): partial(workload.adapt_kasa, spec=spec, method=m) for m in methods}
+    adapt[PEFT_PEER] = partial(workload.apply_peer, peer=workload.PEFT_KASA, spec=spec)
+    return adapt
 
 
 def _reference(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,111 +80,84 @@ def accuracy(peer: str, model: torch.nn.Module, originals: dict, references: dic
     return rows
 
 
-def profile_once(name: str, path, spec, device, dtype, top: int) -> dict:
-    """cProfile of one adaptation of a fresh base."""
-    model = common.load_base(path, dtype, device)
-    return common.cprofile(lambda: (_adapt(name, model, spec), common.sync(device)), top)
-
-
-def run(args: argparse.Namespace, cache: common.BaseCache | None = None) -> dict:
-    spec, device, dtype = common.setup_run(args)
-    repeats = common.repeats_from_args(args)
-    own_cache = cache is None
-    cache = cache or common.BaseCache(args.cache_dir)
-    try:
-        path = cache.base(spec)
-        peers = [kasa_peer(m) for m in args.methods] + [PEFT_PEER]
+def run(args: argparse.Namespace, cache: harness.BaseCache | None = None) -> dict:
+    with harness.session(args, cache) as run_:
+        spec, device = run_.spec, run_.device
+        adapt = peers(spec, args.methods)
         checked: dict[str, dict] = {}
         originals: dict[str, torch.Tensor] = {}
         references: dict[str, tuple] = {}
 
         def measure(name: str, rep: int) -> float:
-            model = common.load_base(path, dtype, device)
+            model = run_.load_base()
             if rep == 0 and not references:
-                linears = common.adapted_linears(model)
-                wanted = [n for n in linears if args.check_all or ".layers.0." in n]
-                for n in wanted:
+                linears = workload.adapted_linears(model)
+                for n in [n for n in linears if args.check_all or ".layers.0." in n]:
                     originals[n] = linears[n].weight.detach().cpu().clone()
                     references[n] = _reference(originals[n], spec.r)
-            seconds, adapted = common.timed(lambda: _adapt(name, model, spec), device)
+            seconds, adapted = harness.timed(lambda: adapt[name](model), device)
             if rep == 0:
                 checked[name] = accuracy(name, adapted, originals, references, spec.r)
-                checked[name]["_targets"] = common.adapted_names(adapted)
+                checked[name]["_targets"] = workload.adapted_names(adapted)
             return seconds
 
-        times = common.alternate(peers, measure, repeats)
+        times = harness.compare(list(adapt), measure, run_.repeats)
         targets = {tuple(v.pop("_targets")) for v in checked.values()}
         if len(targets) != 1:
             raise RuntimeError("kasa_trl and PEFT adapted different layers: the comparison would be unfair")
 
         rows, table_rows = [], []
-        for name in peers:
+        for name in adapt:
             layer_errors = checked[name]
             r_errs = [e["r_err"] for e in layer_errors.values() if e["r_err"] is not None]
-            w_errs = [e["w_trunc_err"] for e in layer_errors.values()]
-            ratio = common.paired_ratio(times, name, PEFT_PEER)
             row = {
                 "peer": name,
-                "time_s": common.stats(times[name]),
-                "ratio_to_peft": ratio,
+                "time_s": times.stats(name),
+                "ratio_to_peft": times.ratio(name, PEFT_PEER),
                 "max_r_err": max(r_errs) if r_errs else None,
-                "max_w_trunc_err": max(w_errs),
+                "max_w_trunc_err": max(e["w_trunc_err"] for e in layer_errors.values()),
                 "layers": layer_errors,
             }
             rows.append(row)
-            table_rows.append(
-                [
-                    name,
-                    row["time_s"]["median"],
-                    row["time_s"]["min"],
-                    ratio["median"],
-                    row["max_r_err"],
-                    row["max_w_trunc_err"],
-                ]
-            )
-        table = common.markdown(
+            table_rows.append([name, row["time_s"]["median"], row["time_s"]["min"], row["ratio_to_peft"]["median"],
+                               row["max_r_err"], row["max_w_trunc_err"]])  # fmt: skip
+        table = harness.markdown(
             ["peer", "median (s)", "min (s)", "ratio to PEFT", "max R err", "max W_trunc err"], table_rows
         )
-        auto = next(r for r in rows if r["peer"] == kasa_peer(args.methods[0]))
-        ratio = auto["ratio_to_peft"]["median"]
+        auto = rows[0]  # the first method's
+        ratio = auto["ratio_to_peft"]
         goals = [
-            common.goal(
-                "KaSA initialization time", "PEFT get_peft_model (KaSA)", "<= 0.333x",
-                ratio, ratio <= GOAL_RATIO, note=f"{auto['peer']}",
+            harness.goal(
+                "KaSA initialization time", PEFT_PEER, "<= 0.333x", ratio["median"], ratio["median"] <= GOAL_RATIO,
+                note=f"{auto['peer']}; {harness.quartiles(ratio)}",
             ),
-            common.goal(
+            harness.goal(
                 "removed part vs float64 SVD", "float64 SVD", "<= 1e-6 relative",
                 auto["max_r_err"], auto["max_r_err"] <= GOAL_R_ERR, unit="",
                 note=f"{len(originals)} layers checked",
             ),
         ]  # fmt: skip
-        result = {
-            "benchmark": "init_time",
-            "environment": common.environment(device, dtype),
-            "settings": {"spec": asdict(spec), "repeats": repeats, "methods": args.methods},
-            "rows": rows,
-            "table": table,
-            "goals": goals,
-            "notes": [
-                f"{len(targets.pop())} adapted layers (all-linear), r={spec.r}, {spec.spectrum} spectrum "
-                f"(cond {spec.cond:g}); time = the adaptation alone (base loaded beforehand, untimed).",
-            ],
-        }
-        if args.profile:
-            result["profile"] = {
-                name: profile_once(name, path, spec, device, dtype, args.profile_top) for name in peers
-            }
-            for name, prof in result["profile"].items():
-                result["notes"].append(f"cProfile {name}: {common.cprofile_summary(prof)}")
-        return common.finish(result, args.json)
-    finally:
-        if own_cache:
-            cache.cleanup()
+        notes = [
+            f"{len(targets.pop())} adapted layers (all-linear), r={spec.r}, {spec.spectrum} spectrum "
+            f"(cond {spec.cond:g}); time = the adaptation alone (base loaded beforehand, untimed).",
+        ]
+        extra = {}
+        if args.profile:  # one extra adaptation of a fresh base per peer
+            extra["profile"] = {}
+            for name in adapt:
+                model = run_.load_base()
+                prof = harness.cprofile(
+                    lambda m=model, a=adapt[name]: (a(m), harness.sync(device)), args.profile_top
+                )
+                extra["profile"][name] = prof
+                notes.append(f"cProfile {name}: {harness.cprofile_summary(prof)}")
+        settings = {"repeats": run_.repeats, "methods": args.methods}
+        return run_.report("init_time", settings=settings, rows=rows, table=table, goals=goals, notes=notes,
+                           **extra)  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_common_args(p, repeats=3, quick_repeats=2)
+    p = harness.parser(__doc__, repeats=3, quick_repeats=2)
     p.add_argument(
         "--methods",
         nargs="+",
@@ -195,14 +167,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--check-all", action="store_true", help="check accuracy on every layer, not only layer 0's"
     )
-    p.add_argument("--profile", action="store_true", help="cProfile one extra adaptation per peer")
-    p.add_argument("--profile-top", type=int, default=12)
+    harness.add_profile_options(p, "cProfile one extra adaptation per peer", top=12)
     return p
 
 
-def main(argv: list[str] | None = None) -> dict:
-    return run(parser().parse_args(argv))
-
-
 if __name__ == "__main__":
-    main()
+    harness.main(parser, run)

@@ -18,7 +18,6 @@ A benchmark that fails is reported in the JSON (``errors``) and makes the exit s
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -30,29 +29,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import harness  # noqa: E402
 
 BENCHMARKS = ["init_time", "zero3_init", "step_time", "load_time", "merged_inference"]
-# Options of common.add_common_args forwarded to every benchmark when given.
-FORWARDED = ["device", "dtype", "layers", "hidden", "intermediate", "heads", "vocab", "r", "spectrum", "cond",
-             "repeats", "seed", "threads"]  # fmt: skip
-
-
-def forwarded_argv(args: argparse.Namespace) -> list[str]:
-    argv = ["--quick"] if args.quick else []
-    for name in FORWARDED:
-        value = getattr(args, name)
-        default = {"device": "cpu", "dtype": "auto", "spectrum": "long_tail", "cond": 1e4, "seed": 0}.get(
-            name
-        )
-        if value is not None and value != default:
-            argv += [f"--{name}", str(value)]
-    return argv
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_common_args(p, repeats=0, quick_repeats=0)  # 0: each benchmark's own default
+    p = harness.parser(__doc__, repeats=0, quick_repeats=0)  # 0: each benchmark's own default
     p.add_argument("--only", nargs="+", choices=BENCHMARKS, default=None, help="run only these")
     p.add_argument("--skip", nargs="+", choices=BENCHMARKS, default=[], help="skip these")
     p.add_argument("--out-dir", default="outputs/benchmarks", help="where results.json / results.md go")
@@ -68,17 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "quick" if args.quick else "results"
-    cache = common.BaseCache(args.cache_dir)
+    cache = harness.BaseCache(args.cache_dir)
     results: dict[str, dict] = {}
     errors: dict[str, str] = {}
     seconds: dict[str, float] = {}
-    common_argv = forwarded_argv(args) + ["--cache-dir", str(cache.path)]
+    common_argv = harness.shared_argv(args) + ["--cache-dir", str(cache.path)]
     background = None
     try:
         if args.quick and "zero3_init" in names:
             # Build the shared base first, then let the zero3 launches overlap the in-process benchmarks.
-            spec, _, _ = common.setup_run(args)
-            cache.base(spec)
+            harness.setup(args)
+            cache.base(harness.spec_from_args(args))
             json_path = out_dir / f"{stem}.zero3_init.json"
             cmd = [
                 sys.executable,
@@ -126,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "quick": args.quick,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "environment": common.environment(torch.device(args.device)),
+        "environment": harness.describe_environment(torch.device(args.device)),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "goals": goals,
         "benchmarks": {name: results[name] for name in names if name in results},
@@ -134,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "errors": errors,
     }
     md = ["# KaSA benchmarks" + (" (--quick: tiny shapes, timings meaningless)" if args.quick else ""), ""]
-    md += ["## Goals", "", common.goals_markdown(goals), ""]
+    md += ["## Goals", "", harness.goals_markdown(goals), ""]
     for name in names:
         if name in results:
             md += [f"## {name}", "", results[name]["table"], ""]
@@ -147,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{env['transformers']}, peft {env['peft']}, OMP_WAIT_POLICY={report['omp_wait_policy']}, "
         f"load average at the end {env['loadavg_1min']:.1f}."
     )
-    common.write_json(out_dir / f"{stem}.json", report)
+    harness.write_json(out_dir / f"{stem}.json", report)
     (out_dir / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n" + "\n".join(md[:5]))
     print(f"\nwrote {out_dir / f'{stem}.json'} and {out_dir / f'{stem}.md'}")

@@ -19,7 +19,7 @@ machine whose load changes over seconds, blocks of several steps per peer gave p
 shared machine it leaves out the time spent waiting for a core.
 
 Memory: each peer in its own fresh process (forked from a server that only imported the libraries, with glibc's
-and MKL's caching of freed memory off: see ``memory_context``), which loads the base, adapts it, then frees and
+and MKL's caching of freed memory off: see ``MEMORY_ENV``), which loads the base, adapts it, then frees and
 trims the heap (``malloc_trim``), resets the kernel's peak-RSS counter (``/proc/self/clear_refs``) and trains
 ``--memory-steps`` steps. Reported: the peak RSS of those training steps (``VmHWM``: the whole process, base
 weights and libraries included; the goal's figure), the RSS before them and the difference, and ``ru_maxrss``
@@ -35,12 +35,6 @@ weights and libraries included; the goal's figure), the RSS before them and the 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import gc
-import multiprocessing as mp
-import multiprocessing.forkserver
-import os
 import resource
 import statistics
 import sys
@@ -50,31 +44,39 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import harness  # noqa: E402
+import workload  # noqa: E402
 
 KASA_NO_REG = "kasa_trl in_place, no reg"
-PEERS = [common.PEFT_LORA, common.PEFT_KASA, common.KASA_IN_PLACE, common.KASA_NON_DESTRUCTIVE, KASA_NO_REG]
-MEMORY_PEERS = [common.PEFT_LORA, common.PEFT_KASA, common.KASA_IN_PLACE, common.KASA_NON_DESTRUCTIVE]
+MEMORY_PEERS = [workload.PEFT_LORA, workload.PEFT_KASA, workload.KASA_IN_PLACE, workload.KASA_NON_DESTRUCTIVE]
+PEERS = [*MEMORY_PEERS, KASA_NO_REG]
 GOAL_VS_LORA = 1.03
 GOAL_VS_PEFT_KASA = 1.0
 GOAL_MEMORY = 1.02
+# The memory processes' allocators. MALLOC_MMAP_THRESHOLD_: glibc serves every allocation of 64 KiB or more (every
+# activation) with its own mapping and unmaps it when freed, so the RSS peak is the peak of live memory, not of what
+# the allocator kept cached (by default glibc raises that threshold to 32 MiB as tensors are freed, and the RSS of
+# two identical runs then differs by tens of MB). MKL_DISABLE_FAST_MM: MKL does not keep the work buffers of the
+# decompositions (SVD, eigh) once they are done: ~20 MB that would be billed to KaSA's initialization, not training.
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MKL_DISABLE_FAST_MM": "1"}
+MEMORY_PRELOAD = ["torch", "transformers.models.llama.modeling_llama", "peft", "kasa_trl"]
 
 
 class Trainee:
     """One peer's model, optimizer and step."""
 
-    def __init__(self, peer: str, path, spec: common.ModelSpec, dtype, device, batch: torch.Tensor) -> None:
+    def __init__(
+        self, peer: str, base: Path, spec: workload.ModelSpec, dtype, device, batch: torch.Tensor
+    ) -> None:
         self.peer = peer
         self.batch = batch
         self.session = None
-        model = common.load_base(path, dtype, device)
+        model = workload.load_base(base, dtype, device)
         if peer == KASA_NO_REG:
-            from kasa_trl import apply_kasa
-
-            model = apply_kasa(model, common.kasa_config(spec, "in_place"))
+            model = workload.adapt_kasa(model, spec, "in_place")
         else:
-            model = common.apply_peer(model, peer, spec)
-        if peer in common.KASA_BASE_MODES:
+            model = workload.apply_peer(model, peer, spec)
+        if peer in workload.KASA_BASE_MODES:
             from kasa_trl import get_kasa_config
             from kasa_trl.penalty import attach_penalties
 
@@ -90,7 +92,7 @@ class Trainee:
         if self.session is not None:
             self.session.begin(1.0)
         loss = self.model(input_ids=self.batch, labels=self.batch).loss
-        if self.peer == common.PEFT_KASA:
+        if self.peer == workload.PEFT_KASA:
             loss = loss + self.model._get_kasa_loss()
         if self.session is not None:
             loss = self.session.finish(loss)
@@ -110,20 +112,12 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _trim_heap() -> None:
-    gc.collect()
-    with contextlib.suppress(OSError):  # not glibc: nothing to trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def memory_worker(
-    peer: str, path: str, spec: dict, dtype: str, device: str, shape, steps: int, threads: int | None
-):
-    if threads:
-        torch.set_num_threads(threads)
-    spec_, device_, dtype_ = common.ModelSpec(**spec), torch.device(device), getattr(torch, dtype)
-    trainee = Trainee(peer, path, spec_, dtype_, device_, common.random_batch(spec_, *shape, device_))
-    _trim_heap()
+def memory_worker(peer: str, base: str, spec: dict, dtype: str, device: str, shape, steps: int, threads: int):
+    """In a fresh process: ``peer``'s memory figures over ``steps`` training steps (see the module docstring)."""
+    torch.set_num_threads(threads)
+    spec_, device_, dtype_ = workload.ModelSpec(**spec), torch.device(device), getattr(torch, dtype)
+    trainee = Trainee(peer, Path(base), spec_, dtype_, device_, workload.random_batch(spec_, *shape, device_))
+    harness.release_memory()
     result = {"peer": peer, "trainable_params": trainee.trainable}
     if device_.type == "cuda":
         torch.cuda.synchronize(device_)
@@ -145,72 +139,22 @@ def memory_worker(
     return result
 
 
-def _worker_entry(queue, *args) -> None:
-    try:
-        queue.put(memory_worker(*args))
-    except BaseException as e:  # report, do not hang the parent
-        queue.put({"error": f"{type(e).__name__}: {e}"})
-        raise
-
-
-def memory_context():
-    """A forkserver that has imported the libraries (once, ~10 s): each memory process then starts in no time.
-    Started early, it imports while the timed peers are built.
-
-    Its processes run with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then serves every allocation of 64 KiB or more
-    (every activation) with its own mapping and unmaps it when freed, so the RSS peak is the peak of live memory,
-    not of what the allocator kept cached (by default glibc raises that threshold to 32 MiB as tensors are freed,
-    and the RSS of two identical runs then differs by tens of MB). ``MKL_DISABLE_FAST_MM=1`` likewise stops MKL from
-    keeping the work buffers of the decompositions (SVD, eigh) once they are done: ~20 MB that would be billed to
-    KaSA's initialization, not to training."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "transformers.models.llama.modeling_llama", "peft", "kasa_trl"])
-    overrides = {"MALLOC_MMAP_THRESHOLD_": "65536", "MKL_DISABLE_FAST_MM": "1"}
-    saved = {key: os.environ.get(key) for key in overrides}
-    os.environ.update(overrides)
-    try:
-        mp.forkserver.ensure_running()
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                del os.environ[key]
-            else:
-                os.environ[key] = value
-    return ctx
-
-
-def _memory_once(ctx, peer, path, spec, dtype, device, shape, steps, threads) -> dict:
-    queue = ctx.Queue()
-    args = (
-        peer,
-        str(path),
-        asdict(spec),
-        str(dtype).replace("torch.", ""),
-        str(device),
-        shape,
-        steps,
-        threads,
-    )
-    proc = ctx.Process(target=_worker_entry, args=(queue, *args))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    if "error" in result:
-        raise RuntimeError(f"memory worker for {peer} failed: {result['error']}")
-    print(f"  memory {peer}: peak {result['peak_mb']:.1f} MB", file=sys.stderr, flush=True)
-    return result
-
-
-def measure_memory(
-    ctx, peers, path, spec, dtype, device, shape, steps, threads, repeats=1
-) -> dict[str, dict]:
-    """Each peer's memory figures, each from its own fresh process; with ``repeats`` > 1 the peers alternate and
-    every figure is the median over the repetitions (``"all"`` keeps each process's figures)."""
+def measure_memory(ctx, peers: list[str], run_: harness.Run, shape: tuple[int, int]) -> dict[str, dict]:
+    """Each peer's memory figures, each from its own fresh process; with ``--memory-repeats`` > 1 the peers
+    alternate and every figure is the median over the repetitions (``"all"`` keeps each process's figures)."""
+    args = run_.args
+    threads = args.threads or torch.get_num_threads()
+    dtype = str(run_.dtype).replace("torch.", "")
     runs: dict[str, list[dict]] = {peer: [] for peer in peers}
-    for rep in range(repeats):
-        shift = rep % len(peers)
-        for peer in peers[shift:] + peers[:shift]:
-            runs[peer].append(_memory_once(ctx, peer, path, spec, dtype, device, shape, steps, threads))
+
+    def measure(peer: str, rep: int) -> float:
+        result = harness.in_fresh_process(ctx, memory_worker, peer, str(run_.base), asdict(run_.spec), dtype,
+                                          str(run_.device), shape, args.memory_steps, threads)  # fmt: skip
+        print(f"  memory {peer}: peak {result['peak_mb']:.1f} MB", file=sys.stderr, flush=True)
+        runs[peer].append(result)
+        return result["peak_mb"]
+
+    harness.compare(peers, measure, args.memory_repeats, log=False)
     results = {}
     for peer, results_ in runs.items():
         merged = dict(results_[0])
@@ -222,51 +166,22 @@ def measure_memory(
     return results
 
 
-# -- profile -------------------------------------------------------------------------------------------------
-
-
-def profile_step(trainee: Trainee, top: int) -> dict:
-    """torch.profiler of one step: op count, total self time, the ops with the most self time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU]
-    if trainee.batch.device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof:
-        trainee.step()
-        common.sync(trainee.batch.device)
-    averages = prof.key_averages()
-    cuda = trainee.batch.device.type == "cuda"
-    key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    ops = sorted(averages, key=lambda e: getattr(e, key), reverse=True)
-    return {
-        "events": sum(e.count for e in averages),
-        "aten_ops": sum(e.count for e in averages if e.key.startswith("aten::")),
-        "self_time_ms": sum(getattr(e, key) for e in averages) / 1e3,
-        "top": [{"op": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1e3} for e in ops[:top]],
-        "calls": {e.key: e.count for e in averages},
-    }
-
-
 # -- the benchmark -------------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace, cache: common.BaseCache | None = None) -> dict:
-    spec, device, dtype = common.setup_run(args)
-    repeats = common.repeats_from_args(args)
-    batch_size, seq = args.batch or 2, args.seq or (32 if args.quick else 256)
-    steps = args.steps or (2 if args.quick else 1)
-    own_cache = cache is None
-    cache = cache or common.BaseCache(args.cache_dir)
-    try:
-        path = cache.base(spec)
-        ctx = None if args.no_memory else memory_context()
-        batch = common.random_batch(spec, batch_size, seq, device)
-        peers = PEERS if not args.peers else args.peers
+def run(args: argparse.Namespace, cache: harness.BaseCache | None = None) -> dict:
+    with harness.session(args, cache) as run_:
+        spec, device = run_.spec, run_.device
+        batch_size, seq = args.batch or 2, args.seq or (32 if args.quick else 256)
+        steps = args.steps or (2 if args.quick else 1)
+        # Started first, the forkserver imports the libraries while the timed peers are built.
+        ctx = None if args.no_memory else harness.forkserver(MEMORY_PRELOAD, MEMORY_ENV)
+        peers = args.peers or PEERS
         if args.memory_only:
-            return memory_only(args, ctx, peers, path, spec, dtype, device, (batch_size, seq))
-        trainees = {p: Trainee(p, path, spec, dtype, device, batch) for p in peers}
-        if len({tuple(common.adapted_names(t.model)) for t in trainees.values()}) != 1:
+            return memory_only(run_, ctx, peers, (batch_size, seq))
+        batch = workload.random_batch(spec, batch_size, seq, device)
+        trainees = {p: Trainee(p, run_.base, spec, run_.dtype, device, batch) for p in peers}
+        if len({tuple(workload.adapted_names(t.model)) for t in trainees.values()}) != 1:
             raise RuntimeError("the peers adapted different layers: the comparison would be unfair")
         for trainee in trainees.values():  # warm-up: allocator, optimizer state, kernels
             trainee.step()
@@ -275,52 +190,38 @@ def run(args: argparse.Namespace, cache: common.BaseCache | None = None) -> dict
 
         def measure(name: str, rep: int) -> float:
             walls, cpus = zip(
-                *(common.timed_cpu(trainees[name].step, device) for _ in range(steps)), strict=True
+                *(harness.timed_cpu(trainees[name].step, device) for _ in range(steps)), strict=True
             )
             cpu_times[name].append(statistics.median(cpus))
             return statistics.median(walls)
 
-        times = common.alternate(peers, measure, repeats)
+        times = harness.compare(peers, measure, run_.repeats)
+        cpu = harness.Comparison(cpu_times)
         profiles = {}
         if args.profile:
-            profiles = {name: profile_step(t, args.profile_top) for name, t in trainees.items()}
+            profiles = {
+                name: harness.op_profile(t.step, device, args.profile_top) for name, t in trainees.items()
+            }
         trainable = {name: t.trainable for name, t in trainees.items()}
         trainees.clear()  # free the models before the memory processes run
-        gc.collect()
+        harness.release_memory()
         memory = {}
         if not args.no_memory:
-            mem_peers = [p for p in MEMORY_PEERS if p in peers]
-            threads = args.threads or torch.get_num_threads()
-            memory = measure_memory(
-                ctx,
-                mem_peers,
-                path,
-                spec,
-                dtype,
-                device,
-                (batch_size, seq),
-                args.memory_steps,
-                threads,
-                args.memory_repeats,
-            )
+            memory = measure_memory(ctx, [p for p in MEMORY_PEERS if p in peers], run_, (batch_size, seq))
 
-        reference = common.PEFT_LORA if common.PEFT_LORA in peers else peers[0]
+        reference = workload.PEFT_LORA if workload.PEFT_LORA in peers else peers[0]
+        with_peft_kasa = workload.PEFT_KASA in peers
         rows, table_rows = [], []
         for name in peers:
-            mem = memory.get(name, {})
-            ref_mem = memory.get(reference, {})
+            mem, ref_mem = memory.get(name, {}), memory.get(reference, {})
             row = {
                 "peer": name,
-                "step_s": common.stats(times[name]),
-                "ratio_to_peft_lora": common.paired_ratio(times, name, reference),
-                "cpu_step_s": common.stats(cpu_times[name]),
-                "cpu_ratio_to_peft_lora": common.paired_ratio(cpu_times, name, reference),
-                "cpu_ratio_to_peft_kasa": common.paired_ratio(cpu_times, name, common.PEFT_KASA)
-                if common.PEFT_KASA in peers
-                else None,
-                "ratio_to_peft_kasa": common.paired_ratio(times, name, common.PEFT_KASA)
-                if common.PEFT_KASA in peers
-                else None,
+                "step_s": times.stats(name),
+                "ratio_to_peft_lora": times.ratio(name, reference),
+                "cpu_step_s": cpu.stats(name),
+                "cpu_ratio_to_peft_lora": cpu.ratio(name, reference),
+                "cpu_ratio_to_peft_kasa": cpu.ratio(name, workload.PEFT_KASA) if with_peft_kasa else None,
+                "ratio_to_peft_kasa": times.ratio(name, workload.PEFT_KASA) if with_peft_kasa else None,
                 "trainable_params": trainable[name],
                 "memory": mem,
                 "memory_ratio_to_peft_lora": mem["peak_mb"] / ref_mem["peak_mb"] if mem and ref_mem else None,
@@ -328,23 +229,16 @@ def run(args: argparse.Namespace, cache: common.BaseCache | None = None) -> dict
             if name in profiles:
                 row["profile"] = {k: v for k, v in profiles[name].items() if k != "calls"}
             rows.append(row)
-            table_rows.append(
-                [
-                    name,
-                    row["step_s"]["median"],
-                    row["ratio_to_peft_lora"]["median"],
-                    row["ratio_to_peft_kasa"]["median"] if row["ratio_to_peft_kasa"] else None,
-                    row["cpu_ratio_to_peft_lora"]["median"] if device.type == "cpu" else None,
-                    row["cpu_ratio_to_peft_kasa"]["median"]
-                    if device.type == "cpu" and row["cpu_ratio_to_peft_kasa"]
-                    else None,
-                    mem.get("peak_mb"),
-                    mem.get("training_delta_mb"),
-                    row["memory_ratio_to_peft_lora"],
-                    profiles[name]["aten_ops"] if name in profiles else None,
-                ]
-            )
-        table = common.markdown(
+            on_cpu = device.type == "cpu"
+            table_rows.append([
+                name, row["step_s"]["median"], row["ratio_to_peft_lora"]["median"],
+                row["ratio_to_peft_kasa"]["median"] if with_peft_kasa else None,
+                row["cpu_ratio_to_peft_lora"]["median"] if on_cpu else None,
+                row["cpu_ratio_to_peft_kasa"]["median"] if on_cpu and with_peft_kasa else None,
+                mem.get("peak_mb"), mem.get("training_delta_mb"), row["memory_ratio_to_peft_lora"],
+                profiles[name]["aten_ops"] if name in profiles else None,
+            ])  # fmt: skip
+        table = harness.markdown(
             [
                 "peer", "median step (s)", "vs PEFT LoRA", "vs PEFT KaSA", "CPU time vs PEFT LoRA", "CPU time vs PEFT KaSA", "peak MB (train)",
                 "train delta MB", "peak vs PEFT LoRA", "aten ops/step",
@@ -353,77 +247,57 @@ def run(args: argparse.Namespace, cache: common.BaseCache | None = None) -> dict
         )  # fmt: skip
         goals = []
         by_peer = {r["peer"]: r for r in rows}
-        for name in (common.KASA_IN_PLACE, common.KASA_NON_DESTRUCTIVE):
+        for name in (workload.KASA_IN_PLACE, workload.KASA_NON_DESTRUCTIVE):
             if name not in by_peer:
                 continue
             row = by_peer[name]
-            ratio = row["ratio_to_peft_lora"]["median"]
-            goals.append(
-                common.goal(
-                    "training step time",
-                    common.PEFT_LORA,
-                    f"<= {GOAL_VS_LORA}x",
-                    ratio,
-                    ratio <= GOAL_VS_LORA,
-                    note=name,
-                )
-            )
+            ratio = row["ratio_to_peft_lora"]
+            goals.append(harness.goal("training step time", workload.PEFT_LORA, f"<= {GOAL_VS_LORA}x", ratio["median"],
+                                      ratio["median"] <= GOAL_VS_LORA, note=f"{name}; {harness.quartiles(ratio)}"))  # fmt: skip
             if row["ratio_to_peft_kasa"]:
-                ratio = row["ratio_to_peft_kasa"]["median"]
+                ratio = row["ratio_to_peft_kasa"]
                 goals.append(
-                    common.goal("training step time", "PEFT KaSA + _get_kasa_loss()", f"<= {GOAL_VS_PEFT_KASA}x",
-                                ratio, ratio <= GOAL_VS_PEFT_KASA, note=name)
+                    harness.goal("training step time", "PEFT KaSA + _get_kasa_loss()", f"<= {GOAL_VS_PEFT_KASA}x",
+                                 ratio["median"], ratio["median"] <= GOAL_VS_PEFT_KASA,
+                                 note=f"{name}; {harness.quartiles(ratio)}")
                 )  # fmt: skip
             if row["memory_ratio_to_peft_lora"] is not None:
-                ratio = row["memory_ratio_to_peft_lora"]
-                goals.append(
-                    common.goal("peak memory during training", common.PEFT_LORA, f"<= {GOAL_MEMORY}x", ratio,
-                                ratio <= GOAL_MEMORY, note=f"{name}; whole-process peak RSS of the training steps"
-                                if device.type == "cpu" else f"{name}; max_memory_allocated")
-                )  # fmt: skip
+                goals.append(memory_goal(name, row["memory_ratio_to_peft_lora"], device))
         notes = [
             f"batch {batch_size} x {seq} tokens, r={spec.r}, {spec.layers} layers, {steps} steps per repetition, "
-            f"{repeats} repetitions",
+            f"{run_.repeats} repetitions",
         ]
-        if KASA_NO_REG in by_peer and common.KASA_IN_PLACE in by_peer:
-            reg = common.paired_ratio(times, common.KASA_IN_PLACE, KASA_NO_REG)["median"]
+        if KASA_NO_REG in by_peer and workload.KASA_IN_PLACE in by_peer:
+            reg = times.ratio(workload.KASA_IN_PLACE, KASA_NO_REG)["median"]
             notes.append(f"regularizers (attach_penalties) cost: in_place with / without = {reg:.3f}x")
-        result = {
-            "benchmark": "step_time",
-            "environment": common.environment(device, dtype),
-            "settings": {"spec": asdict(spec), "repeats": repeats, "batch": batch_size, "seq": seq, "steps": steps,
-                         "memory_steps": args.memory_steps, "memory_repeats": args.memory_repeats},
-            "rows": rows,
-            "table": table,
-            "goals": goals,
-            "notes": notes,
-        }  # fmt: skip
-        if profiles:
-            result["profile_calls"] = {name: p["calls"] for name, p in profiles.items()}
-            for name, p in profiles.items():
-                top = "; ".join(f"{t['op']} {t['self_ms']:.1f}ms/{t['calls']}" for t in p["top"][:6])
-                notes.append(
-                    f"profile {name}: {p['aten_ops']} aten ops, {p['self_time_ms']:.0f} ms self; {top}"
-                )
-        return common.finish(result, args.json)
-    finally:
-        if own_cache:
-            cache.cleanup()
+        for name, p in profiles.items():
+            top = "; ".join(f"{t['op']} {t['self_ms']:.1f}ms/{t['calls']}" for t in p["top"][:6])
+            notes.append(f"profile {name}: {p['aten_ops']} aten ops, {p['self_time_ms']:.0f} ms self; {top}")
+        settings = {"repeats": run_.repeats, "batch": batch_size, "seq": seq, "steps": steps,
+                    "memory_steps": args.memory_steps, "memory_repeats": args.memory_repeats}  # fmt: skip
+        extra = {"profile_calls": {name: p["calls"] for name, p in profiles.items()}} if profiles else {}
+        return run_.report(
+            "step_time", settings=settings, rows=rows, table=table, goals=goals, notes=notes, **extra
+        )
 
 
-def memory_only(args, ctx, peers, path, spec, dtype, device, shape) -> dict:
+def memory_goal(peer: str, ratio: float, device: torch.device) -> dict:
+    what = "whole-process peak RSS of the training steps" if device.type == "cpu" else "max_memory_allocated"
+    return harness.goal("peak memory during training", workload.PEFT_LORA, f"<= {GOAL_MEMORY}x", ratio,
+                        ratio <= GOAL_MEMORY, note=f"{peer}; {what}")  # fmt: skip
+
+
+def memory_only(run_: harness.Run, ctx, peers: list[str], shape: tuple[int, int]) -> dict:
     """``--memory-only``: the memory processes alone, no timing."""
-    threads = args.threads or torch.get_num_threads()
+    args = run_.args
     peers = [p for p in MEMORY_PEERS if p in peers]
-    memory = measure_memory(
-        ctx, peers, path, spec, dtype, device, shape, args.memory_steps, threads, args.memory_repeats
-    )
-    ref = memory[common.PEFT_LORA]["peak_mb"]
+    memory = measure_memory(ctx, peers, run_, shape)
+    ref = memory[workload.PEFT_LORA]["peak_mb"]
     rows = [
         {"peer": p, "memory": memory[p], "memory_ratio_to_peft_lora": memory[p]["peak_mb"] / ref}
         for p in peers
     ]
-    table = common.markdown(
+    table = harness.markdown(
         ["peer", "peak MB (train)", "before MB", "train delta MB", "peak vs PEFT LoRA", "peaks (each process)"],
         [
             [r["peer"], r["memory"]["peak_mb"], r["memory"]["before_mb"], r["memory"]["training_delta_mb"],
@@ -432,26 +306,20 @@ def memory_only(args, ctx, peers, path, spec, dtype, device, shape) -> dict:
         ],
     )  # fmt: skip
     goals = [
-        common.goal("peak memory during training", common.PEFT_LORA, f"<= {GOAL_MEMORY}x", r["memory_ratio_to_peft_lora"],
-                    r["memory_ratio_to_peft_lora"] <= GOAL_MEMORY, note=r["peer"])
-        for r in rows if r["peer"] in common.KASA_BASE_MODES
-    ]  # fmt: skip
-    result = {
-        "benchmark": "step_time",
-        "environment": common.environment(device, dtype),
-        "settings": {"spec": asdict(spec), "batch": shape[0], "seq": shape[1], "memory_steps": args.memory_steps,
-                     "memory_repeats": args.memory_repeats, "memory_only": True},
-        "rows": rows,
-        "table": table,
-        "goals": goals,
-        "notes": [f"memory only: batch {shape[0]} x {shape[1]} tokens, {args.memory_steps} training steps per process"],
-    }  # fmt: skip
-    return common.finish(result, args.json)
+        memory_goal(r["peer"], r["memory_ratio_to_peft_lora"], run_.device)
+        for r in rows
+        if r["peer"] in workload.KASA_BASE_MODES
+    ]
+    settings = {"batch": shape[0], "seq": shape[1], "memory_steps": args.memory_steps,
+                "memory_repeats": args.memory_repeats, "memory_only": True}  # fmt: skip
+    notes = [
+        f"memory only: batch {shape[0]} x {shape[1]} tokens, {args.memory_steps} training steps per process"
+    ]
+    return run_.report("step_time", settings=settings, rows=rows, table=table, goals=goals, notes=notes)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_common_args(p, repeats=30, quick_repeats=2)
+    p = harness.parser(__doc__, repeats=30, quick_repeats=2)
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default 2)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 256; 32 with --quick)")
     p.add_argument(
@@ -467,14 +335,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the memory processes")
     p.add_argument("--memory-only", action="store_true", help="only the memory processes, no timing")
     p.add_argument("--peers", nargs="+", default=None, choices=PEERS, help="a subset of the peers")
-    p.add_argument("--profile", action="store_true", help="torch.profiler of one step per peer")
-    p.add_argument("--profile-top", type=int, default=10)
+    harness.add_profile_options(p, "torch.profiler of one step per peer", top=10)
     return p
 
 
-def main(argv: list[str] | None = None) -> dict:
-    return run(parser().parse_args(argv))
-
-
 if __name__ == "__main__":
-    main()
+    harness.main(parser, run)

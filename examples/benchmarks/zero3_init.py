@@ -5,7 +5,7 @@ follows the recipe of ``tests/distributed/zero_worker.py``: an active ZeRO-3 ``T
 ``stage3_param_persistence_threshold`` 0), ``_ = training_args.device`` then
 ``deepspeed.init_distributed(dist_backend="gloo")``, and the base loaded with ``from_pretrained`` so that its
 weights are partitioned at load (``deepspeed.zero.Init``): no rank holds a whole weight. Only ``apply_kasa`` is
-timed, between two barriers. With 2 ranks ``kasa_trl.distributed.sharded_decompose`` gathers the targets two at a
+timed, between two barriers. With 2 ranks the library's schedule (``sharded_decompose``) gathers the targets two at a
 time and each rank decomposes one of them; only the rank-r factors are broadcast back.
 
 What a rank gets: on GPUs every rank brings its own device, so by default each rank here gets the same
@@ -15,8 +15,10 @@ default all): 1 rank x ``C`` threads vs 2 ranks x ``C // 2``; that also measures
 algebra uses more threads. Threads are set with ``OMP_NUM_THREADS`` (also read by SciPy's OpenBLAS) and
 ``torch.set_num_threads``, with ``OMP_WAIT_POLICY=PASSIVE`` (``--omp-wait-policy``): on a shared CPU, spinning
 OpenMP threads make a multi-threaded rank several times slower.
-Timed per rank: the decomposition alone (``minor_components``, wrapped); the rest of ``apply_kasa`` is gathers,
-broadcasts and building the layers (truncation, fingerprint, re-partitioning) on every rank.
+Timed per rank: the phases of ``apply_kasa`` from the ``torch.profiler.record_function`` scopes the library opens
+(``kasa_trl.decompose``, ``kasa_trl.sharded_decompose``, ``kasa_trl.gather``, ``kasa_trl.truncate``; the
+profiler is on for every timed call, 1 and 2 ranks alike): the decomposition, the rest of the schedule (gathers,
+broadcasts, waiting), the per-layer gathers of the fallback path, and the truncation on every rank.
 Check: the removed parts' norms agree between 1 and 2 ranks.
 
     python examples/benchmarks/zero3_init.py                 # 4 layers 1024/2816, r=16; minutes on 2 cores
@@ -40,9 +42,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import harness  # noqa: E402
+import workload  # noqa: E402
 
 GOAL_RATIO = 0.65
+WORLDS = {"1 rank": 1, "2 ranks": 2}
+# The library's profiler scopes this benchmark reads (record_function names).
+DECOMPOSE, SHARDED_DECOMPOSE, GATHER, TRUNCATE = (
+    "kasa_trl.decompose", "kasa_trl.sharded_decompose", "kasa_trl.gather", "kasa_trl.truncate",
+)  # fmt: skip
+PHASES = ("decompose", "sharded_decompose", "truncation_gathers", "truncation")
 
 
 def ds_config() -> dict:
@@ -59,16 +68,32 @@ def ds_config() -> dict:
 # -- one rank ------------------------------------------------------------------------------------------------
 
 
+def phases(scopes: list[harness.Scope]) -> dict[str, float]:
+    """Seconds per phase of one ``apply_kasa`` on this rank, from its profiler scopes: the decompositions, the
+    sharded schedule (decompositions included), the gathers outside it (the per-layer fallback, truncations
+    included), the truncations."""
+
+    def total(name: str, where=lambda scope: True) -> float:
+        return sum(scope.seconds for scope in scopes if scope.name == name and where(scope))
+
+    return {
+        "decompose": total(DECOMPOSE),
+        "sharded_decompose": total(SHARDED_DECOMPOSE),
+        "truncation_gathers": total(GATHER, lambda scope: SHARDED_DECOMPOSE not in scope.within),
+        "truncation": total(TRUNCATE),
+    }
+
+
 def worker(args: argparse.Namespace) -> None:
     import deepspeed
     import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    import kasa_trl.distributed
-    from kasa_trl import apply_kasa, kasa_layers
+    from kasa_trl import kasa_layers
 
     torch.set_num_threads(args.worker_threads)
-    spec = common.ModelSpec(**json.loads(args.worker_spec))
+    spec = workload.ModelSpec(**json.loads(args.worker_spec))
     training_args = TrainingArguments(
         output_dir=str(Path(args.worker_out) / "trainer"),
         use_cpu=True,
@@ -79,47 +104,18 @@ def worker(args: argparse.Namespace) -> None:
     _ = training_args.device  # initializes the torch process group (gloo on CPU)...
     deepspeed.init_distributed(dist_backend="gloo")  # ...which deepspeed.comm must adopt before zero.Init
     rank, world = dist.get_rank(), dist.get_world_size()
-
-    # Where apply_kasa's time goes, per rank: wrap the pieces it calls (only timing is added).
-    import contextlib
-
-    import kasa_trl.model
-
-    phases = dict.fromkeys(("decompose", "sharded_decompose", "truncation_gathers", "layer_build"), 0.0)
-
-    def timing(key, fn):
-        def wrapped(*a, **kw):
-            start = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                phases[key] += time.perf_counter() - start
-
-        return wrapped
-
-    @contextlib.contextmanager
-    def timed_gathered(params, modifier_rank=None, _gathered=kasa_trl.model.gathered):
-        start = time.perf_counter()
-        with _gathered(params, modifier_rank=modifier_rank):
-            yield
-        phases["truncation_gathers"] += time.perf_counter() - start
-
-    kasa_trl.distributed.minor_components = timing("decompose", kasa_trl.distributed.minor_components)
-    kasa_trl.model.sharded_decompose = timing("sharded_decompose", kasa_trl.model.sharded_decompose)
-    kasa_trl.model.KaSALinear.__init__ = timing("layer_build", kasa_trl.model.KaSALinear.__init__)
-    kasa_trl.model.gathered = timed_gathered
     reps = []
     for _ in range(args.worker_repeats):
         model = AutoModelForCausalLM.from_pretrained(args.worker_base, dtype=torch.float32)
         partitioned = all(p.numel() == 0 for p in model.model.layers.parameters() if hasattr(p, "ds_id"))
-        phases.update(dict.fromkeys(phases, 0.0))
-        dist.barrier()
-        start = time.perf_counter()
-        apply_kasa(model, common.kasa_config(spec, "in_place"))
-        dist.barrier()
-        seconds = time.perf_counter() - start
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            dist.barrier()
+            start = time.perf_counter()
+            workload.adapt_kasa(model, spec, "in_place")
+            dist.barrier()
+            seconds = time.perf_counter() - start
         per_rank = [None] * world
-        dist.all_gather_object(per_rank, dict(phases))
+        dist.all_gather_object(per_rank, phases(harness.profiled_scopes(prof)))
         norms = {
             name: float(layer.removed_left.double().norm()) for name, layer in kasa_layers(model).items()
         }
@@ -132,10 +128,10 @@ def worker(args: argparse.Namespace) -> None:
                 "removed_norms": norms,
             }
         )
-        del model
+        del model, prof
         gc.collect()
     if rank == 0:
-        common.write_json(
+        harness.write_json(
             Path(args.worker_out) / "result.json",
             {"world": world, "threads": args.worker_threads, "reps": reps},
         )
@@ -182,91 +178,81 @@ def launch(
 
 
 def gathers_only(slowest: dict) -> float:
-    """Time in apply_kasa's per-layer gathers, less the layer builds inside them (0 when none: the default path,
+    """Time in apply_kasa's per-layer gathers, less the truncations inside them (0 when none: the default path,
     where each rank truncates its own partition)."""
     if not slowest["truncation_gathers"]:
         return 0.0
-    return slowest["truncation_gathers"] - slowest["layer_build"]
+    return slowest["truncation_gathers"] - slowest["truncation"]
 
 
-def run(args: argparse.Namespace, cache: common.BaseCache | None = None) -> dict:
-    spec, device, dtype = common.setup_run(args)
-    if device.type != "cpu":
-        raise SystemExit("zero3_init measures the CPU/gloo path; run it without --device cuda")
-    cores = args.cores or os.cpu_count() or 2
-    if args.split_cores:
-        threads = {1: cores, 2: max(1, cores // 2)}
-    else:
-        threads = {1: args.threads_per_rank, 2: args.threads_per_rank}
-    if args.quick:
-        schedule, inner = [1, 2], 1
-    else:
-        launches = args.launches or 4
-        abba = [1, 2, 2, 1]
-        schedule, inner = [abba[i % 4] for i in range(launches)], common.repeats_from_args(args)
-    own_cache = cache is None
-    cache = cache or common.BaseCache(args.cache_dir)
-    try:
-        base = cache.base(spec)
-        times: dict[int, list[float]] = {1: [], 2: []}
-        decompose: dict[int, list[list[float]]] = {1: [], 2: []}
-        phases: dict[int, list[list[dict]]] = {1: [], 2: []}
-        norms: dict[int, dict] = {}
-        launch_s: dict[int, list[float]] = {1: [], 2: []}
-        partitioned = True
+def run(args: argparse.Namespace, cache: harness.BaseCache | None = None) -> dict:
+    with harness.session(args, cache) as run_:
+        if run_.device.type != "cpu":
+            raise SystemExit("zero3_init measures the CPU/gloo path; run it without --device cuda")
+        cores = args.cores or os.cpu_count() or 2
+        threads = (
+            {1: cores, 2: max(1, cores // 2)}
+            if args.split_cores
+            else dict.fromkeys(WORLDS.values(), args.threads_per_rank)
+        )
+        inner = 1 if args.quick else run_.repeats
+        launched: list[tuple[int, dict]] = []
 
-        def one(i: int, world: int) -> dict:
-            return launch(
-                world,
-                threads[world],
-                base,
-                spec,
-                inner,
-                cache.path / f"zero3_{i}",
-                args.timeout,
-                args.omp_wait_policy,
+        def one(peer: str, rep: int = 0) -> float:
+            world = WORLDS[peer]
+            out = run_.cache.path / f"zero3_{len(launched)}_{world}"
+            result = launch(
+                world, threads[world], run_.base, run_.spec, inner, out, args.timeout, args.omp_wait_policy
             )
+            launched.append((world, result))
+            print(f"  launch {len(launched)} ({world} rank(s)): {[round(r['apply_s'], 3) for r in result['reps']]}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            return result["launch_s"]
 
         if args.quick:  # a smoke test: both launches at once, the timings prove nothing anyway
             from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(len(schedule)) as pool:
-                launched = list(pool.map(one, range(len(schedule)), schedule))
-        else:
-            launched = [one(i, world) for i, world in enumerate(schedule)]
-        for i, (world, result) in enumerate(zip(schedule, launched, strict=True)):
+            with ThreadPoolExecutor(len(WORLDS)) as pool:
+                list(pool.map(one, WORLDS))
+        else:  # 1, 2, 2, 1, ...
+            harness.compare(list(WORLDS), one, -(-(args.launches or 4) // 2), log=False)
+        times: dict[int, list[float]] = {1: [], 2: []}
+        decompose: dict[int, list[list[float]]] = {1: [], 2: []}
+        phases_: dict[int, list[list[dict]]] = {1: [], 2: []}
+        launch_s: dict[int, list[float]] = {1: [], 2: []}
+        norms: dict[int, dict] = {}
+        partitioned = True
+        for world, result in launched:
             launch_s[world].append(result["launch_s"])
             for rep in result["reps"]:
                 times[world].append(rep["apply_s"])
                 decompose[world].append(rep["decompose_s_per_rank"])
-                phases[world].append(rep["phases_per_rank"])
+                phases_[world].append(rep["phases_per_rank"])
                 norms.setdefault(world, rep["removed_norms"])
                 partitioned &= rep["partitioned"]
-            print(f"  launch {i + 1}/{len(schedule)} ({world} rank(s)): {[round(r['apply_s'], 3) for r in result['reps']]}",
-                  file=sys.stderr, flush=True)  # fmt: skip
         norm_diff = max(abs(norms[1][k] - norms[2][k]) / max(norms[1][k], 1e-30) for k in norms[1])
         ratio = statistics.median(times[2]) / statistics.median(times[1])
         rows, table_rows = [], []
         for world in (1, 2):
             # Per repetition, the slowest rank's time in each phase (the ranks wait for each other in between).
             slowest = {
-                key: statistics.median(max(rank[key] for rank in rep) for rep in phases[world])
-                for key in ("decompose", "sharded_decompose", "truncation_gathers", "layer_build")
+                key: statistics.median(max(rank[key] for rank in rep) for rep in phases_[world])
+                for key in PHASES
             }
             total = statistics.median(times[world])
             rows.append({
-                "ranks": world, "threads_per_rank": threads[world], "apply_s": common.stats(times[world]),
+                "ranks": world, "threads_per_rank": threads[world], "apply_s": harness.stats(times[world]),
                 "phases_s_slowest_rank": slowest, "decompose_s_per_rank": decompose[world],
-                "phases_per_rank": phases[world], "launch_s": launch_s[world],
+                "phases_per_rank": phases_[world], "launch_s": launch_s[world],
             })  # fmt: skip
             table_rows.append(
                 [world, threads[world], total, rows[-1]["apply_s"]["min"], slowest["decompose"],
                  slowest["sharded_decompose"] - slowest["decompose"], gathers_only(slowest),
-                 slowest["layer_build"], total / statistics.median(times[1])]
+                 slowest["truncation"], total / statistics.median(times[1])]
             )  # fmt: skip
-        table = common.markdown(
+        table = harness.markdown(
             ["ranks", "threads/rank", "apply_kasa median (s)", "min (s)", "decomposition", "gathers + broadcasts + waits (schedule)",
-             "per-layer gathers (fallback)", "layer build (every rank)", "vs 1 rank"],
+             "per-layer gathers (fallback)", "truncation (every rank)", "vs 1 rank"],
             table_rows,
         )  # fmt: skip
         sharing = (
@@ -275,43 +261,34 @@ def run(args: argparse.Namespace, cache: common.BaseCache | None = None) -> dict
             else f"{threads[1]} thread(s) per rank, as each GPU rank brings its own device"
         )
         goals = [
-            common.goal("initialization on 2 ranks under ZeRO-3 (CPU, gloo)", "the same run on 1 rank",
-                        f"<= {GOAL_RATIO}x", ratio, ratio <= GOAL_RATIO, note=sharing)
+            harness.goal("initialization on 2 ranks under ZeRO-3 (CPU, gloo)", "the same run on 1 rank",
+                         f"<= {GOAL_RATIO}x", ratio, ratio <= GOAL_RATIO, note=sharing)
         ]  # fmt: skip
-        result = {
-            "benchmark": "zero3_init",
-            "environment": {**common.environment(device, dtype), "torch_threads": threads},
-            "settings": {
-                "spec": asdict(spec),
-                "schedule": schedule,
-                "repeats_per_launch": inner,
-                "cores": cores,
-                "split_cores": args.split_cores,
-                "omp_wait_policy": args.omp_wait_policy,
-            },
-            "rows": rows,
-            "table": table,
-            "goals": goals,
-            "notes": [
-                f"{sharing}; weights "
-                f"partitioned at load: {partitioned}; removed-part norms 1 vs 2 ranks agree to {norm_diff:.1e} "
-                "(relative); ratio = median(2 ranks) / median(1 rank) over all repetitions of all launches.",
-                "phases (seconds, slowest rank, median over repetitions): decomposition = minor_components calls; "
-                "schedule = the rest of sharded_decompose (gathering each group of weights, broadcasting the factors, "
-                "waiting for the slower rank); truncation gathers = apply_kasa's per-layer gathers with "
-                "modifier_rank=0 (only when a partition cannot be written in place: hpZ, quantized, NVMe); layer "
-                "build = KaSALinear construction (float64 truncation of this rank's partition), on every rank.",
-            ],
+        settings = {
+            "schedule": [world for world, _ in launched],
+            "repeats_per_launch": inner,
+            "cores": cores,
+            "split_cores": args.split_cores,
+            "omp_wait_policy": args.omp_wait_policy,
         }
-        return common.finish(result, args.json)
-    finally:
-        if own_cache:
-            cache.cleanup()
+        notes = [
+            f"{sharing}; weights "
+            f"partitioned at load: {partitioned}; removed-part norms 1 vs 2 ranks agree to {norm_diff:.1e} "
+            "(relative); ratio = median(2 ranks) / median(1 rank) over all repetitions of all launches.",
+            "phases (seconds, slowest rank, median over repetitions, from the library's profiler scopes): "
+            "decomposition = kasa_trl.decompose; schedule = the rest of kasa_trl.sharded_decompose (gathering each "
+            "group of weights, broadcasting the factors, waiting for the slower rank); truncation gathers = "
+            "apply_kasa's per-layer gathers (kasa_trl.gather outside the schedule, with modifier_rank=0: only when a "
+            "partition cannot be written in place: hpZ, quantized, NVMe), less the truncations inside them; "
+            "truncation = kasa_trl.truncate (float64 truncation of this rank's partition), on every rank.",
+        ]
+        environment = {**harness.describe_environment(run_.device, run_.dtype), "torch_threads": threads}
+        return run_.report("zero3_init", settings=settings, rows=rows, table=table, goals=goals, notes=notes,
+                           environment=environment)  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_common_args(p, repeats=2, quick_repeats=1)
+    p = harness.parser(__doc__, repeats=2, quick_repeats=1)
     p.add_argument(
         "--threads-per-rank",
         type=int,
@@ -327,7 +304,10 @@ def parser() -> argparse.ArgumentParser:
         "--cores", type=int, default=None, help="with --split-cores: cores shared by the ranks (default: all)"
     )
     p.add_argument(
-        "--launches", type=int, default=None, help="torchrun launches, alternating 1,2,2,1 (default 4)"
+        "--launches",
+        type=int,
+        default=None,
+        help="torchrun launches, alternating 1,2,2,1 (default 4; an odd number is rounded up)",
     )
     p.add_argument("--timeout", type=int, default=1800, help="seconds per launch")
     p.add_argument(
@@ -348,13 +328,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    args = parser().parse_args(argv)
-    if args.worker:
-        worker(args)
-        return None
-    return run(args)
+def main(args: argparse.Namespace) -> dict | None:
+    return worker(args) if args.worker else run(args)
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(parser, main)
