@@ -131,6 +131,22 @@ def test_zero3_phases_count_each_scope_where_it_belongs():
     assert zero3_init.phases([]) == dict.fromkeys(zero3_init.PHASES, 0.0)
 
 
+def test_the_library_opens_the_scopes_zero3_init_reads(tiny_llama):
+    from kasa_trl import KaSAConfig, apply_kasa
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        apply_kasa(tiny_llama, KaSAConfig(r=2, target_modules=["q_proj", "down_proj"], base_mode="in_place"))
+    names = [s.name for s in harness.profiled_scopes(prof)]
+    # One decomposition and one truncation per target; the gathers and the schedule only open under ZeRO-3
+    # (the end-to-end run below checks those).
+    assert sorted(set(names)) == [zero3_init.DECOMPOSE, zero3_init.TRUNCATE]
+    assert (
+        names.count(zero3_init.DECOMPOSE)
+        == names.count(zero3_init.TRUNCATE)
+        == 2 * tiny_llama.config.num_hidden_layers
+    )
+
+
 def _patched_library_names(tree: ast.Module) -> list[str]:
     """Assignments (``x.attr = ...``, ``setattr(x, ...)``) to anything imported from kasa_trl."""
     library = {"kasa_trl"}
