@@ -31,9 +31,8 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from .atomic_outputs import atomic_output_dir, atomic_output_file, check_output_dir
+from .atomic_outputs import atomic_output_dir, check_output_dir
 
 PROG = "kasa-trl"
 EXIT_FAILURE, EXIT_USAGE = 1, 2
@@ -41,8 +40,6 @@ EXIT_FAILURE, EXIT_USAGE = 1, 2
 _ADAPTER_FILE = "kasa_adapter.safetensors"
 _DTYPES = ("float32", "bfloat16", "float16")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-# The PNG text chunk that marks a picture as inspect's, so that a later --png may replace it (and nothing else).
-_PNG_KEY, _PNG_TAG = "Software", "kasa-trl inspect"
 
 
 class UsageError(Exception):
@@ -242,6 +239,7 @@ def _merge(args: argparse.Namespace) -> None:
 def _inspect(args: argparse.Namespace) -> None:
     adapter = _check_adapter_dir(args.adapter_dir)
     from .adapter_io import read_adapter
+    from .inspect_report import format_table, layer_stats, save_png
 
     config, per_layer = read_adapter(adapter)
     stats = [layer_stats(name, tensors, config.scaling, top=args.top) for name, tensors in per_layer.items()]
@@ -253,117 +251,17 @@ def _inspect(args: argparse.Namespace) -> None:
             f"{adapter}: {len(stats)} KaSA layers, r={config.r}, lora_alpha={config.lora_alpha}, "
             f"scaling={config.scaling:g}, base_mode={config.base_mode}, truncation={config.truncation}"
         )
-        print(_format_table(stats))
+        print(format_table(stats))
     if args.png:
-        _plot(stats, Path(args.png), inputs=_inputs(adapter, None))
+        try:
+            save_png(stats, Path(args.png), inputs=_inputs(adapter, None))
+        except ModuleNotFoundError as e:
+            raise UsageError("--png needs matplotlib: pip install 'kasa_trl[plots]'") from e
         if not args.json:
             print(f"saved {args.png}")
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
-
-
-def layer_stats(name: str, tensors: dict[str, Any], scaling: float, *, top: int = 3) -> dict[str, Any]:
-    """One layer's spectra and orthogonality, from its saved tensors (no base model needed)."""
-    import torch
-
-    from .factors import factor_singular_values, orthogonality_error
-
-    A, B, diag = (tensors[k].to(torch.float64) for k in ("lora_A", "lora_B", "lora_diag"))
-    spectrum = factor_singular_values(scaling * B * diag, A).to(torch.float64)  # singular values of dW
-    err_A, err_B = orthogonality_error(A, B)
-    magnitude = diag.abs()
-    return {
-        "layer": name,
-        "r": int(A.shape[0]),
-        "n_removed": int(tensors["removed_left"].shape[1]),
-        "abs_diag_min": float(magnitude.min()),
-        "abs_diag_mean": float(magnitude.mean()),
-        "abs_diag_max": float(magnitude.max()),
-        "delta_singular_values": [float(v) for v in spectrum[:top]],
-        "orthogonality_error_A": float(err_A),
-        "orthogonality_error_B": float(err_B),
-        "delta_norm": float(torch.linalg.vector_norm(spectrum)),
-        # right has orthonormal rows, so ||R||_F = ||left @ right||_F = ||left||_F.
-        "removed_norm": float(torch.linalg.matrix_norm(tensors["removed_left"].to(torch.float64))),
-    }
-
-
-def _format_table(stats: list[dict[str, Any]]) -> str:
-    header = [
-        "layer",
-        "r",
-        "n",
-        "|diag| min/mean/max",
-        "dW top singular values",
-        "orth A",
-        "orth B",
-        "||dW||_F",
-        "||R||_F",
-    ]
-    rows = [
-        [
-            s["layer"],
-            str(s["r"]),
-            str(s["n_removed"]),
-            f"{s['abs_diag_min']:.3g}/{s['abs_diag_mean']:.3g}/{s['abs_diag_max']:.3g}",
-            " ".join(f"{v:.3g}" for v in s["delta_singular_values"]),
-            f"{s['orthogonality_error_A']:.3g}",
-            f"{s['orthogonality_error_B']:.3g}",
-            f"{s['delta_norm']:.3g}",
-            f"{s['removed_norm']:.3g}",
-        ]
-        for s in stats
-    ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in [header, *rows]
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _plot(stats: list[dict[str, Any]], path: Path, *, inputs: dict[str, Path | str | None]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise UsageError("--png needs matplotlib: pip install 'kasa_trl[plots]'") from e
-    index = range(len(stats))
-    fig, (spectra, errors) = plt.subplots(1, 2, figsize=(12, 4), constrained_layout=True)
-    spectra.plot(index, [s["delta_norm"] for s in stats], "o-", label="||dW||_F")
-    spectra.plot(
-        index, [s["delta_singular_values"][0] for s in stats], ".--", label="largest singular value of dW"
-    )
-    spectra.plot(index, [s["abs_diag_max"] for s in stats], "x:", label="max |lora_diag|")
-    spectra.plot(index, [s["removed_norm"] for s in stats], "s-", alpha=0.5, label="||R||_F (removed)")
-    spectra.set(xlabel="KaSA layer", ylabel="magnitude", title="update and removed spectra", yscale="log")
-    spectra.legend(fontsize="small")
-    errors.plot(index, [s["orthogonality_error_A"] for s in stats], "o-", label="||A A^T - I||_F")
-    errors.plot(index, [s["orthogonality_error_B"] for s in stats], "x-", label="||B^T B - I||_F")
-    errors.set(xlabel="KaSA layer", title="orthogonality errors")
-    errors.legend(fontsize="small")
-    try:
-        with atomic_output_file(path, inputs=inputs, is_ours=_is_our_png, what="PNG") as tmp:
-            fig.savefig(tmp, format="png", dpi=100, metadata={_PNG_KEY: _PNG_TAG})
-    finally:
-        plt.close(fig)
-
-
-def _is_our_png(path: Path) -> bool:
-    """Whether ``path`` is a PNG that ``inspect --png`` wrote (its tEXt chunk ``Software: kasa-trl inspect``)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096)  # matplotlib writes the text chunks right after the header
-    except OSError:
-        return False
-    return head.startswith(b"\x89PNG\r\n\x1a\n") and f"{_PNG_KEY}\0{_PNG_TAG}".encode() in head
 
 
 def _find_tokenizer(adapter: Path, base: str):

@@ -78,6 +78,23 @@ def factor_singular_values(left: torch.Tensor, right: torch.Tensor) -> torch.Ten
     return torch.linalg.svdvals(r_left @ r_right.T).to(dtype)
 
 
+def delta_singular_values(
+    lora_A: torch.Tensor, lora_B: torch.Tensor, lora_diag: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Singular values of the update ``dW = scaling * B diag(sigma) A`` without forming it (``factor_singular_values``).
+
+    Args:
+        lora_A (torch.Tensor): (r, in).
+        lora_B (torch.Tensor): (out, r).
+        lora_diag (torch.Tensor): (r,), sigma.
+        scaling (float): the layer's ``lora_alpha / r`` (or ``/ sqrt(r)``).
+
+    Returns:
+        (min(out, r, in),) descending, in the factors' dtype promoted to at least float32.
+    """
+    return factor_singular_values(scaling * lora_B * lora_diag, lora_A)
+
+
 def lora_export_factors(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,

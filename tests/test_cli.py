@@ -202,6 +202,14 @@ def test_inspect_prints_a_table_and_saves_a_png(ws, capsys, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["spectra.png"]
 
 
+def test_inspect_png_without_matplotlib_is_bad_usage_and_writes_nothing(ws, capsys, tmp_path, monkeypatch):
+    # An import of a module set to None in sys.modules raises ModuleNotFoundError.
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    assert kasa_cli.main(["inspect", str(ws / "adapter"), "--png", str(tmp_path / "spectra.png")]) == 2
+    assert "kasa-trl: error: --png needs matplotlib: pip install 'kasa_trl[plots]'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

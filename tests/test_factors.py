@@ -112,3 +112,25 @@ def test_orthogonality_error_is_differentiable_in_float32():
     assert err_a.dtype == err_b.dtype == torch.float32
     (err_a + err_b).backward()
     assert a.grad is not None and b.grad is not None and a.grad.dtype == torch.bfloat16
+
+
+@settings(deadline=None, max_examples=20)
+@given(
+    r=st.integers(1, 5),
+    out_features=st.integers(1, 7),
+    in_features=st.integers(1, 7),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_delta_singular_values_are_those_of_the_update(r, out_features, in_features, seed):
+    from kasa_trl.factors import delta_singular_values
+
+    gen = torch.Generator().manual_seed(seed)
+    lora_A = torch.randn(r, in_features, generator=gen, dtype=F64)
+    lora_B = torch.randn(out_features, r, generator=gen, dtype=F64)
+    lora_diag = torch.randn(r, generator=gen, dtype=F64)
+    expected = torch.linalg.svdvals(0.75 * lora_B @ torch.diag(lora_diag) @ lora_A)
+    values = delta_singular_values(lora_A, lora_B, lora_diag, 0.75)
+    assert values.shape == (min(out_features, r, in_features),)
+    torch.testing.assert_close(
+        values, expected[: values.shape[0]], rtol=0, atol=1e-12 * (1 + expected[0].item())
+    )

@@ -69,6 +69,7 @@ LAYERS = {
     "kasa_trl.integrations.peft.lora_export": 5,
     # 6 the command line.
     "kasa_trl.cli": 6,
+    "kasa_trl.inspect_report": 6,
     # 7 the package itself: its lazy exports name every layer; no module imports names from it.
     "kasa_trl": 7,
 }
