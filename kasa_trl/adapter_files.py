@@ -1,9 +1,7 @@
-"""The adapter directory: its files, their format, and every check of them that needs no model.
+"""The adapter directory: writing and reading its files, and every check of them that needs no model.
 
-An adapter directory holds ``kasa_adapter.safetensors`` (for every KaSA layer: ``lora_A``, ``lora_B``,
-``lora_diag``, the removed factors and a fingerprint of the original base weight; in the file's metadata the
-format, the config, the layer list and, when known, the base model's name) and ``kasa_config.json``, a
-human-readable copy of the config. The safetensors file is the single source of truth: self-contained and replaced
+An adapter directory holds ``kasa_adapter.safetensors`` (its contents: ``adapter_format``) and ``kasa_config.json``,
+a human-readable copy of the config. The safetensors file is the single source of truth: self-contained and replaced
 atomically, so a crash while saving leaves the previous adapter loadable. ``kasa_config.json`` may be missing; when
 present it must agree with it (an edit by hand would otherwise be silently ignored). Writers of one directory are
 serialized (``atomic_files``), so concurrent saves leave one writer's adapter, whole.
@@ -21,41 +19,26 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .adapter_format import (
+    ADAPTER_FILE,
+    BASE_MODEL_KEY,
+    CONFIG_FILE,
+    FORMAT,
+    HEADER_DTYPES,
+    TENSOR_KEYS,
+    Spec,
+    check_finite,
+    check_layout,
+)
 from .atomic_files import atomic_write, directory_lock, fsync_directory, remove_stale_temporaries
 from .config import KaSAConfig
-from .fingerprint import N_PROBES
 from .regularizers import registered_regularizers
-
-ADAPTER_FILE = "kasa_adapter.safetensors"
-CONFIG_FILE = "kasa_config.json"
-FORMAT = "kasa_trl.adapter.v1"
-
-TENSOR_KEYS = ("lora_A", "lora_B", "lora_diag", "removed_left", "removed_right", "base_fingerprint")
-# Metadata keys: FORMAT, the config and the layer list always; the base model's name when known (added later:
-# files without it load as before).
-BASE_MODEL_KEY = "base_model_name_or_path"
-FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# safetensors' dtype names, as a header lists them (to name a wrong dtype as torch does).
-_HEADER_DTYPES = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "I32": torch.int32,
-    "I64": torch.int64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-}
 
 
 @dataclass(frozen=True)
@@ -102,10 +85,10 @@ def write_adapter(
         raise TypeError(f"{where}: tensors must map names to torch.Tensor (as adapter_state_dict returns)")
     tensors = {key: t.detach().cpu().contiguous() for key, t in tensors.items()}
     layers = sorted({key.rsplit(".", 1)[0] for key in tensors})
-    _check_layout(
+    check_layout(
         {key: (t.dtype, tuple(t.shape)) for key, t in tensors.items()}, layers, config, where, for_saving=True
     )
-    _check_finite(tensors, where, for_saving=True)
+    check_finite(tensors, where, for_saving=True)
     metadata = {
         "format": FORMAT,
         "kasa_config": json.dumps(config.to_dict(), sort_keys=True),
@@ -180,7 +163,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[KaSAConfig, dict[str, di
             raise ValueError(
                 f"{info.path} is corrupt or truncated ({e}); re-save the adapter or restore a copy"
             ) from e
-    _check_finite(tensors, str(info.path), for_saving=False)
+    check_finite(tensors, str(info.path), for_saving=False)
     per_layer = {name: {key: tensors[f"{name}.{key}"] for key in TENSOR_KEYS} for name in info.layers}
     return info.config, per_layer
 
@@ -209,10 +192,6 @@ def _existing_directory(directory: str | os.PathLike) -> Path:
     return Path(directory)
 
 
-# A tensor's dtype (its header name if torch has none) and shape, as the header gives them.
-Spec = tuple[torch.dtype | str, tuple[int, ...]]
-
-
 def _read_header(directory: str | os.PathLike) -> tuple[AdapterInfo, dict[str, Spec]]:
     path = _existing_directory(directory) / ADAPTER_FILE
     try:
@@ -222,7 +201,7 @@ def _read_header(directory: str | os.PathLike) -> tuple[AdapterInfo, dict[str, S
             for key in f.keys():
                 piece = f.get_slice(key)
                 dtype = piece.get_dtype()
-                specs[key] = (_HEADER_DTYPES.get(dtype, dtype), tuple(piece.get_shape()))
+                specs[key] = (HEADER_DTYPES.get(dtype, dtype), tuple(piece.get_shape()))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ValueError(
             f"{path} is corrupt or truncated ({e}); re-save the adapter or restore a copy"
@@ -244,7 +223,7 @@ def _read_header(directory: str | os.PathLike) -> tuple[AdapterInfo, dict[str, S
     if duplicates:
         raise ValueError(f"{path}: metadata field 'layers' lists {duplicates[:3]} twice; re-save the adapter")
     base = metadata.get(BASE_MODEL_KEY)  # other metadata keys are ignored: room for fields added later
-    _check_layout(specs, layers, config, str(path), for_saving=False)
+    check_layout(specs, layers, config, str(path), for_saving=False)
     _check_config_copy(Path(directory) / CONFIG_FILE, config_dict, path)
     return AdapterInfo(path, config, tuple(sorted(layers)), base or None), specs
 
@@ -318,79 +297,3 @@ def _same_json(a: Any, b: Any) -> bool:
         return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
     numbers = isinstance(a, (int, float)) and isinstance(b, (int, float))
     return (type(a) is type(b) or numbers) and a == b
-
-
-def _check_layout(
-    specs: Mapping[str, Spec], layers: list[str], config: KaSAConfig, where: str, *, for_saving: bool
-) -> None:
-    """Every listed layer has exactly the adapter's tensors, with supported dtypes and consistent shapes."""
-    redo = "" if for_saving else "; re-save the adapter"
-    if not layers:
-        raise ValueError(f"{where}: the adapter holds no KaSA layers{redo}")
-    bad = [name for name in layers if not isinstance(name, str) or not all(name.split("."))]
-    if bad:
-        raise ValueError(f"{where}: the layer list holds {bad[:3]!r}, not module names{redo}")
-    expected_keys = {f"{name}.{key}" for name in layers for key in TENSOR_KEYS}
-    for name in layers:
-        missing = [key for key in TENSOR_KEYS if f"{name}.{key}" not in specs]
-        if missing:
-            raise ValueError(f"{where}: missing tensors {missing} for layer {name}; the file is incomplete")
-    extra = sorted(set(specs) - expected_keys)
-    if extra:
-        raise ValueError(
-            f"{where}: tensors {extra[:5]} belong to no listed layer (each layer has {list(TENSOR_KEYS)}){redo}"
-        )
-    for name in layers:
-        _check_layer_layout({key: specs[f"{name}.{key}"] for key in TENSOR_KEYS}, name, config.r, where, redo)
-
-
-def _check_layer_layout(specs: Mapping[str, Spec], name: str, r: int, where: str, redo: str) -> None:
-    def fail(key: str, problem: str) -> NoReturn:
-        raise ValueError(f"{where}: adapter tensor {name}.{key} {problem}{redo}")
-
-    for key, (dtype, _) in specs.items():
-        allowed = (torch.float64,) if key == "base_fingerprint" else FACTOR_DTYPES
-        if dtype not in allowed:
-            fail(key, f"has dtype {dtype}, expected one of {[str(d) for d in allowed]}")
-    adapter_dtypes = {specs[key][0] for key in ("lora_A", "lora_B", "lora_diag")}
-    if len(adapter_dtypes) > 1:
-        fail("lora_B", f"and lora_A, lora_diag have different dtypes {sorted(map(str, adapter_dtypes))}")
-    ranks = {key: len(shape) for key, (_, shape) in specs.items()}
-    expected_ranks = {key: 1 if key in ("lora_diag", "base_fingerprint") else 2 for key in TENSOR_KEYS}
-    for key, ndim in ranks.items():
-        if ndim != expected_ranks[key]:
-            fail(key, f"has shape {specs[key][1]}, expected a {expected_ranks[key]}-D tensor")
-    out_features, in_features = specs["lora_B"][1][0], specs["lora_A"][1][1]
-    n = specs["removed_left"][1][1]
-    expected = {
-        "lora_A": (r, in_features),
-        "lora_B": (out_features, r),
-        "lora_diag": (r,),
-        "removed_left": (out_features, n),
-        "removed_right": (n, in_features),
-        "base_fingerprint": (N_PROBES + 1,),
-    }
-    for key, shape in expected.items():
-        if specs[key][1] != shape:
-            fail(
-                key,
-                f"has shape {specs[key][1]} but {name} ({out_features}x{in_features}, r={r}) needs {shape}; the "
-                "adapter belongs to another model or the file is damaged",
-            )
-    if n > min(out_features, in_features):
-        fail(
-            "removed_left",
-            f"holds {n} removed components, more than min(out, in)={min(out_features, in_features)}",
-        )
-
-
-def _check_finite(tensors: Mapping[str, torch.Tensor], where: str, *, for_saving: bool) -> None:
-    bad = sorted(key for key, t in tensors.items() if not bool(torch.isfinite(t).all()))
-    if bad:
-        fix = (
-            "the adapter factors have diverged: lower the learning rate or the regularizer weights"
-            if for_saving
-            else "the adapter is damaged: restore a copy or an earlier checkpoint"
-        )
-        error = FloatingPointError if for_saving else ValueError
-        raise error(f"{where}: non-finite (NaN/Inf) values in {bad[:5]}; {fix}")

@@ -1,9 +1,10 @@
 """Saving a model's KaSA adapter, and loading one onto a base model.
 
-The files and every check of them that needs no model live in ``adapter_files``. Loading checks, before the
-model is changed, that the model is the base the adapter was trained on: every target module exists, is supported,
-has the adapter's shapes and still holds the base weight (``fingerprint``: a copy in another float dtype passes, a
-different checkpoint or an already truncated one does not). It rebuilds the truncation from the stored factors: no
+The files and every check of them that needs no model live in ``adapter_files`` (their contents:
+``adapter_format``). Loading checks, before the model is changed, that the model is the base the adapter was trained
+on: every target module exists, is supported, has the adapter's shapes and still holds the base weight
+(``fingerprint``: a copy in another float dtype passes, a different checkpoint or an already truncated one does
+not). It rebuilds the truncation from the stored factors: no
 decomposition runs, and the result is bit-identical on any hardware.
 """
 
@@ -16,17 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter_files import (
-    ADAPTER_FILE,
-    BASE_MODEL_KEY,
-    CONFIG_FILE,
-    FORMAT,
-    TENSOR_KEYS,
-    AdapterInfo,
-    read_adapter,
-    read_adapter_info,
-    write_adapter,
-)
+from .adapter_files import AdapterInfo, read_adapter, read_adapter_info, write_adapter
+from .adapter_format import ADAPTER_FILE, BASE_MODEL_KEY, CONFIG_FILE, FORMAT, TENSOR_KEYS
 from .config import KaSAConfig
 from .distributed import is_partitioned
 from .fingerprint import TOLERANCE, base_deviation

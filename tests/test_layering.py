@@ -51,6 +51,7 @@ LAYERS = {
     "kasa_trl.target_decomposition": 3,
     "kasa_trl.model": 3,
     "kasa_trl.unloading": 3,
+    "kasa_trl.adapter_format": 3,
     "kasa_trl.adapter_files": 3,
     "kasa_trl.adapter_io": 3,
     # 4 training: the trainers and what they use, the callbacks.
