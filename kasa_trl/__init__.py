@@ -25,11 +25,13 @@ _EXPORTS = {
     "kasa_layers": "model",
     "load_kasa_adapter": "adapter_io",
     "merge_and_unload": "unloading",
+    "read_adapter_info": "adapter_files",
     "register_regularizer": "regularizers",
     "registered_regularizers": "regularizers",
     "save_kasa_adapter": "adapter_io",
     "unload": "unloading",
     "unregister_regularizer": "regularizers",
+    "verify_adapter_base": "adapter_io",
 }
 
 __all__ = [
@@ -46,11 +48,13 @@ __all__ = [
     "last_complete_checkpoint",
     "load_kasa_adapter",
     "merge_and_unload",
+    "read_adapter_info",
     "register_regularizer",
     "registered_regularizers",
     "save_kasa_adapter",
     "unload",
     "unregister_regularizer",
+    "verify_adapter_base",
 ]
 
 
@@ -68,7 +72,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .adapter_io import load_kasa_adapter, save_kasa_adapter
+    from .adapter_files import read_adapter_info
+    from .adapter_io import load_kasa_adapter, save_kasa_adapter, verify_adapter_base
     from .callbacks import SpectrumCallback
     from .checkpoint import is_complete_checkpoint, last_complete_checkpoint
     from .config import KaSAConfig
