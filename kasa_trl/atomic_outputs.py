@@ -1,8 +1,8 @@
 """Writing an output directory or file all at once, without ever destroying anything kasa_trl did not write.
 
 Used by the command line and ``kasa_trl.integrations.peft`` for their outputs (exports, merged models, pictures);
-standard library only, so the command line checks an output before it imports torch. The rules (README
-"Guarantees and limits"):
+standard library only, so the command line checks an output before it imports torch. The rules
+(docs/guarantees.md, "The command line never destroys an input"):
 
 - An output never overlaps an input: it may not equal, contain or lie inside an input directory, nor equal or
   contain a file of one (symbolic links resolved, so a link inside the adapter directory that points elsewhere

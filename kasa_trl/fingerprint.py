@@ -4,10 +4,10 @@
    Gaussian probes, and ``||W||_F``. A projection has the scale of ``rms(W) = ||W||_F / sqrt(out in)``, and a
    change ``D`` of the weight moves it by about ``N(0, rms(D)^2)``: in units of ``rms(W)``, by the relative
    change ``||D||_F / ||W||_F`` times a standard normal.
-2. The removed directions (DESIGN.md section 4). The adapter stores ``removed_left = U_n S_n`` and
-   ``removed_right = V_n^T``; the untouched base satisfies ``u_i^T W v_i = s_i`` for each removed triplet, a base
-   already truncated by the adapter (a merged model, or one that had the adapter loaded) gives 0. The change
-   ``D`` moves ``u_i^T W v_i`` by ``u_i^T D v_i``, also about ``N(0, rms(D)^2)``.
+2. The removed directions (docs/design.md section 1, "Base identity"). The adapter stores
+   ``removed_left = U_n S_n`` and ``removed_right = V_n^T``; the untouched base satisfies ``u_i^T W v_i = s_i`` for
+   each removed triplet, a base already truncated by the adapter (a merged model, or one that had the adapter
+   loaded) gives 0. The change ``D`` moves ``u_i^T W v_i`` by ``u_i^T D v_i``, also about ``N(0, rms(D)^2)``.
 
 The rule: a weight is the base when every projection and every ``u_i^T W v_i - s_i`` is within ``TOLERANCE``
 times ``rms(W)`` of the saved value, and its norm within ``TOLERANCE`` of the saved norm (relative). So

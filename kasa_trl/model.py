@@ -59,8 +59,8 @@ def apply_kasa(model: nn.Module, config: KaSAConfig, *, decomposer: Decomposer |
     """Adapt ``model`` in place with KaSA and return it; only adapter parameters stay trainable.
 
     Each target's ``n`` smallest singular triplets (n = r with the paper's truncation) are removed from the
-    frozen weight and kept with the adapter (docs/design.md sections 1 and 4). ``base_mode="auto"`` is resolved here
-    (``resolve_model_base_mode``) and ``model.kasa_config`` records the mode chosen. On any error the model is
+    frozen weight and kept with the adapter (docs/design.md sections 1 and 4). ``base_mode="auto"`` is resolved
+    here (``resolve_model_base_mode``) and ``model.kasa_config`` records the mode chosen. On any error the model is
     left as it was.
     """
     if not isinstance(config, KaSAConfig):

@@ -72,7 +72,7 @@ _UNSUPPORTED = {
     "layer_replication": "kasa_trl does not replicate layers: build the expanded model first",
     "lora_bias": "KaSA layers have no bias on lora_B: drop it",
     "target_parameters": "kasa_trl adapts modules (nn.Linear, Conv1D), not bare parameters: use target_modules",
-    "ensure_weight_tying": "kasa_trl applies its own rule to tied weights (README, Guarantees and limits): drop it",
+    "ensure_weight_tying": "kasa_trl applies its own rule to tied weights (docs/guarantees.md): drop it",
 }
 # PEFT turns a dict in these into the sub-config (``{}`` enables the variant with its defaults): set unless None.
 _SUB_CONFIGS = frozenset({"velora_config", "monteclora_config", "use_bdlora", "arrow_config"})
