@@ -10,7 +10,6 @@ decomposition runs, and the result is bit-identical on any hardware.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -22,9 +21,9 @@ from .adapter_format import ADAPTER_FILE, BASE_MODEL_KEY, CONFIG_FILE, FORMAT, T
 from .config import KaSAConfig
 from .distributed import is_partitioned
 from .fingerprint import TOLERANCE, base_deviation
-from .layer import KaSALinear, check_layer_arguments
+from .layer import KaSALinear
 from .model import get_kasa_config, install_kasa_layers, kasa_layers
-from .shared_weights import check_shared_weights, resolve_model_base_mode
+from .shared_weights import config_for_targets
 from .targets import check_adapter_fits, check_supported, removed_rank
 from .weights import base_weight, weight_shape
 
@@ -174,19 +173,11 @@ def _checked_load(
             "for this model; re-save the adapter"
         )
     try:
-        base_mode = resolve_model_base_mode(model, modules, config.base_mode)
-        check_shared_weights(model, modules, base_mode)
-        check_layer_arguments(
-            r=config.r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            use_rslora=config.use_rslora,
-            base_mode=base_mode,
-        )
+        config = config_for_targets(model, modules, config)
     except (TypeError, ValueError) as e:
         raise type(e)(f"adapter {where}: {e}") from None
     _check_base_weights(modules, per_layer, where)
-    return dataclasses.replace(config, base_mode=base_mode), per_layer, modules
+    return config, per_layer, modules
 
 
 def _target_module(

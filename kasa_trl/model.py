@@ -17,7 +17,6 @@ reloads with every adapted layer randomly initialized) and names the calls that 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import warnings
 from collections.abc import Iterator
 
@@ -27,8 +26,8 @@ from torch import nn
 from .config import LOW_PRECISION_DTYPES, KaSAConfig
 from .distributed import broadcast_adapters, gathered, is_partitioned, rank_and_world, writable_partition
 from .factors import removed_float64, subtract_removed
-from .layer import KaSALinear, check_layer_arguments, check_removed_factors
-from .shared_weights import check_shared_weights, resolve_model_base_mode
+from .layer import KaSALinear, check_removed_factors
+from .shared_weights import config_for_targets
 from .target_decomposition import Decomposer, decompose_targets, sharded_decompose
 from .targets import find_targets, removed_rank
 from .weights import base_weight, weight_shape
@@ -74,17 +73,7 @@ def apply_kasa(model: nn.Module, config: KaSAConfig, *, decomposer: Decomposer |
             "call kasa_trl.unload(model) or merge_and_unload(model) before applying KaSA again"
         )
     targets = find_targets(model, config)
-    base_mode = resolve_model_base_mode(model, targets, config.base_mode)
-    check_shared_weights(model, targets, base_mode)
-    check_layer_arguments(
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        use_rslora=config.use_rslora,
-        base_mode=base_mode,
-    )
-    if base_mode != config.base_mode:
-        config = dataclasses.replace(config, base_mode=base_mode)
+    config = config_for_targets(model, targets, config)
     n_removed = {name: removed_rank(module, config, name) for name, module in targets.items()}
     if decomposer is None:
         zero3 = any(is_partitioned(module.weight) for module in targets.values())

@@ -1,5 +1,5 @@
 """Weights a target shares with other modules (tied embeddings, one ``Parameter`` given to two layers), and the
-base mode a model's targets get.
+config a model's targets get (``config_for_targets``: the base mode resolved, sharing and layer arguments checked).
 
 KaSA adapts modules. A target whose weight memory another module also uses is refused in ``in_place`` mode, which
 would truncate the weight for every user (``W - 2R`` for two targets); ``non_destructive`` mode never writes the
@@ -10,12 +10,30 @@ shared weight, so each adapted module computes with ``W - R`` plus its own updat
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-from .config import resolve_base_mode
+from .config import KaSAConfig, resolve_base_mode
 from .distributed import is_partitioned
-from .layer import KaSALinear
+from .layer import KaSALinear, check_layer_arguments
+
+
+def config_for_targets(model: nn.Module, targets: dict[str, nn.Module], config: KaSAConfig) -> KaSAConfig:
+    """``config`` as it applies to ``targets`` of ``model``: ``base_mode`` resolved for them
+    (``resolve_model_base_mode``), the shared-weight rule (``check_shared_weights``) and the layer arguments
+    checked. ``apply_kasa`` and adapter loading both start here."""
+    base_mode = resolve_model_base_mode(model, targets, config.base_mode)
+    check_shared_weights(model, targets, base_mode)
+    check_layer_arguments(
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        use_rslora=config.use_rslora,
+        base_mode=base_mode,
+    )
+    return config if base_mode == config.base_mode else dataclasses.replace(config, base_mode=base_mode)
 
 
 def resolve_model_base_mode(model: nn.Module, targets: dict[str, nn.Module], base_mode: str) -> str:

@@ -17,6 +17,7 @@ from kasa_trl.adapter_io import (
     read_adapter_info,
     verify_adapter_base,
 )
+from kasa_trl.atomic_outputs import check_output_dir
 from kasa_trl.config import KaSAConfig
 from kasa_trl.model import get_kasa_config, kasa_layers
 from kasa_trl.weights import stores_transposed
@@ -115,6 +116,29 @@ def _same_model(a: str, b: str) -> bool:
         return os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def open_export(
+    source: str | os.PathLike | nn.Module,
+    out_dir: str | os.PathLike,
+    base_model_name_or_path: str | None,
+    *,
+    overwrite: bool,
+    force_base: bool,
+) -> tuple[KaSASource, dict[str, str | os.PathLike | None]]:
+    """What every export does before writing: the base (given, else recorded; a given one that differs from the
+    recorded one refused unless ``force_base``), the inputs no output may overlap, ``out_dir`` checked before any
+    work, then the adapter read (and checked against the base where it is available locally).
+
+    Returns:
+        The source and the inputs, for ``atomic_outputs.atomic_output_dir``.
+    """
+    base = base_model_name_or_path
+    if not isinstance(source, nn.Module):
+        base = resolve_base(source, base, force=force_base)
+    inputs = source_inputs(source, base)
+    check_output_dir(out_dir, overwrite=overwrite, inputs=inputs)
+    return read_kasa_source(source, base), inputs
 
 
 def source_inputs(

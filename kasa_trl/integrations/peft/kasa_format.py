@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from kasa_trl.adapter_io import ADAPTER_FILE
-from kasa_trl.atomic_outputs import atomic_output_dir, check_output_dir
+from kasa_trl.atomic_outputs import atomic_output_dir
 from kasa_trl.model import apply_kasa, kasa_layers
 from kasa_trl.peft_compat import kasa_config_from_lora, lora_fields_from_kasa
 from kasa_trl.targets import check_adapter_fits
@@ -34,7 +34,7 @@ from ._peft_format import (
     split_key,
     write_peft_adapter,
 )
-from ._source import read_kasa_source, resolve_base, source_inputs
+from ._source import open_export
 
 
 def import_peft_kasa(
@@ -111,12 +111,9 @@ def export_peft_kasa(
             other than ``r`` components (``truncation="official"`` on a wide weight): PEFT could not reproduce
             it. ``export_lora`` handles both.
     """
-    base = base_model_name_or_path
-    if not isinstance(model_or_adapter_dir, nn.Module):
-        base = resolve_base(model_or_adapter_dir, base, force=force_base)
-    inputs = source_inputs(model_or_adapter_dir, base)
-    check_output_dir(out_dir, overwrite=overwrite, inputs=inputs)
-    source = read_kasa_source(model_or_adapter_dir, base)
+    source, inputs = open_export(
+        model_or_adapter_dir, out_dir, base_model_name_or_path, overwrite=overwrite, force_base=force_base
+    )
     config = source.config
     conv1d = sorted(name for name, is_conv in (source.conv1d or {}).items() if is_conv)
     if conv1d:

@@ -16,11 +16,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from kasa_trl.atomic_outputs import atomic_output_dir, check_output_dir
+from kasa_trl.atomic_outputs import atomic_output_dir
 from kasa_trl.factors import lora_export_factors
 
 from ._peft_format import KEY_PREFIX, lora_config_dict, write_peft_adapter
-from ._source import read_kasa_source, resolve_base, source_inputs
+from ._source import open_export
 
 VLLM_MAX_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM accepts for ``--max-lora-rank`` (``vllm.config.lora.MaxLoRARanks``); an adapter's rank must be
@@ -70,12 +70,9 @@ def export_lora(
         ``out_dir`` as a ``Path``. The adapter's rank is ``max(r + n)`` over layers (``2 r`` with the paper's
         truncation), or ``pad_to_rank``; layers with a smaller ``r + n`` are zero-padded to it.
     """
-    base = base_model_name_or_path
-    if not isinstance(adapter_dir_or_model, nn.Module):
-        base = resolve_base(adapter_dir_or_model, base, force=force_base)
-    inputs = source_inputs(adapter_dir_or_model, base)
-    check_output_dir(out_dir, overwrite=overwrite, inputs=inputs)
-    source = read_kasa_source(adapter_dir_or_model, base)
+    source, inputs = open_export(
+        adapter_dir_or_model, out_dir, base_model_name_or_path, overwrite=overwrite, force_base=force_base
+    )
     config = source.config
     factors = {
         name: lora_export_factors(
