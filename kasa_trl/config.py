@@ -19,8 +19,9 @@ from .regularizers import REDUCTIONS, validate_regularizer_weights
 
 CONFIG_FORMAT_VERSION = 1
 
-BASE_MODES = ("auto", "in_place", "non_destructive")
+# The modes a layer runs in; "auto" stands for one of them, resolved per model (resolve_base_mode).
 RESOLVED_BASE_MODES = ("in_place", "non_destructive")
+BASE_MODES = ("auto", *RESOLVED_BASE_MODES)
 TRUNCATIONS = ("paper", "official")
 # Bases whose own dtype cannot hold W_trunc accurately enough: "auto" keeps them untouched (non_destructive).
 LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
-from .config import lora_scaling
+from .config import RESOLVED_BASE_MODES, lora_scaling
 from .distributed import is_partitioned, truncate_partition
 from .factors import removed_float64, truncate
 from .fingerprint import weight_fingerprint
@@ -35,9 +35,6 @@ from .weights import (
     weight_shape,
     write_base_weight,
 )
-
-# The modes a layer runs in; KaSAConfig's "auto" is resolved to one of them by apply_kasa.
-LAYER_BASE_MODES = ("in_place", "non_destructive")
 
 
 def check_layer_arguments(
@@ -62,13 +59,13 @@ def check_layer_arguments(
         raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
     if not isinstance(use_rslora, bool):
         raise ValueError(f"use_rslora must be True or False, got {use_rslora!r}")
-    if base_mode not in LAYER_BASE_MODES:
+    if base_mode not in RESOLVED_BASE_MODES:
         hint = (
             "; 'auto' is resolved by kasa_trl.apply_kasa, pass the mode it stands for"
             if base_mode == "auto"
             else ""
         )
-        raise ValueError(f"base_mode={base_mode!r} is not one of {list(LAYER_BASE_MODES)}{hint}")
+        raise ValueError(f"base_mode={base_mode!r} is not one of {list(RESOLVED_BASE_MODES)}{hint}")
 
 
 def check_removed_factors(
