@@ -57,7 +57,12 @@ class Command:
 
     @property
     def program(self) -> str:
-        return self.argv[0]
+        # `.venv/bin/kasa-trl` is how a README reader runs a tool `make venv` installed: the tool itself.
+        first = self.argv[0]
+        for prefix in (".venv/bin/", "./.venv/bin/"):
+            if first.startswith(prefix) and first not in PYTHONS:
+                return first[len(prefix) :]
+        return first
 
 
 def bash_lines(markdown: str) -> list[str]:
