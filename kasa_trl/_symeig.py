@@ -42,9 +42,9 @@ def cpu_threads(backend: str, blas_threads: int) -> Iterator[None]:
 
     The heavy steps run in the BLAS's own thread pool, sized to the caller's budget (SciPy's OpenBLAS otherwise
     takes every core, whatever ``torch.set_num_threads`` says). torch's OpenMP threads spin for a while after each
-    op (by default), and spinning between BLAS calls they take the cores the BLAS needs: measured on 2 cores, three
-    1024x2816/1024x1024 weights took 0.67 s with both pools at 2 threads, 0.49 s with torch at 1. The torch steps
-    in between (projections, the small SVD) are small. Both settings are restored on exit, also on error.
+    op (by default), and spinning between BLAS calls they take the cores the BLAS needs (the measurement is in
+    docs/benchmarks.md). The torch steps in between (projections, the small SVD) are small. Both settings are
+    restored on exit, also on error.
     """
     if backend != "lapack":
         yield
