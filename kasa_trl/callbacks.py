@@ -4,40 +4,34 @@ Per KaSA layer a record holds ``lora_diag`` (sigma), the effective singular valu
 ``dW = scaling * B diag(sigma) A`` (from the factors, never the (out, in) product), the orthogonality errors
 ``||A A^T - I_r||_F``, ``||B^T B - I_r||_F`` (the paper's L3 terms) and ``||dW||_F``.
 
-How scalars reach the loggers. User callbacks run after the TensorBoard / W&B callbacks in ``on_log``, so adding
-keys to ``logs`` there is too late. The callback therefore computes a record in ``on_step_end`` (after
-``DefaultFlowCallback`` has decided ``control.should_log``) and holds its scalars until the trainer logs:
-
-1. A trainer whose ``log()`` merges ``consume_scalars()`` (``KaSATrainer`` and ``KaSADPOTrainer`` do;
-   :func:`pop_spectrum_scalars` is the one-liner for other trainers) sends them through its own logging:
-   ``state.log_history``, console, TensorBoard, W&B and any other integration, tagged like every train metric.
-2. With any other Trainer the scalars are still pending in ``on_log``; the callback then writes them itself
-   (the TensorBoard callback's writer, ``wandb.log``), adds them to ``logs`` (seen by the console printer, which
-   runs after user callbacks) and to the matching ``state.log_history`` entry, under the same ``train/`` tags.
-
-Histograms always go directly to the TensorBoard writer / ``wandb.log`` (a ``log()`` dict holds floats only).
+How the spectra reach the loggers: through the trainer's ``log()``, the way TRL's own metrics do (TRL merges
+``self._metrics`` into ``logs`` there). The TensorBoard / W&B callbacks read ``logs`` in ``on_log`` before any user
+callback, so a callback cannot add to them itself. The callback takes a record in ``on_step_end`` (after
+``DefaultFlowCallback`` has decided ``control.should_log``) and holds it; the trainer's ``log()`` then calls
+:func:`log_spectra`, which merges the record's scalars into ``logs`` (console, ``state.log_history``, TensorBoard,
+W&B, tagged like every train metric) and writes its histograms to the trainer's TensorBoard / W&B callbacks (a
+``logs`` dict holds floats only). ``KaSATrainer`` and ``KaSADPOTrainer`` do this. With another trainer
+(``transformers.Trainer``, ``trl.SFTTrainer``) the records go to the JSONL file and the pictures only, with a
+warning, unless its ``log()`` calls :func:`log_spectra`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import json
 import os
-import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.integrations import TensorBoardCallback, WandbCallback
-from transformers.integrations.integration_utils import rewrite_logs
-from transformers.trainer_callback import CallbackHandler
 
+from .distributed import gathered
 from .factors import factor_singular_values, orthogonality_error
 from .layer import KaSALinear
 from .model import kasa_layers
@@ -49,24 +43,22 @@ __all__ = [
     "OVER_STEPS_PNG",
     "SPECTRUM_PREFIX",
     "SpectrumCallback",
-    "pop_spectrum_scalars",
+    "log_spectra",
 ]
 
 SPECTRUM_PREFIX = "kasa/spectrum"
 JSONL_NAME = "kasa_spectrum.jsonl"
-# Wrappers whose ``attr`` holds the model the Trainer built (matched by name: importing DeepSpeed costs seconds).
-_WRAPPERS = {"DeepSpeedEngine": "module", "DistributedDataParallel": "module", "DataParallel": "module"}
 
 
 class SpectrumCallback(TrainerCallback):
     """Log the KaSA adapters' learned singular values and orthogonality; observes only (no RNG, grads or writes
     to the model).
 
-    Use: ``SFTTrainer(..., callbacks=[SpectrumCallback()])``. Outputs, on the main process only:
+    Use: ``KaSATrainer(..., callbacks=[SpectrumCallback()])``. Outputs, on the main process only:
 
     - scalars ``kasa/spectrum/{lora_diag_abs,singular_values}/{min,mean,max}`` pooled over every layer's entries
       and ``kasa/spectrum/{orthogonality_A,orthogonality_B,update_norm}/{min,mean,max}`` across layers; with
-      ``per_layer_scalars`` also ``kasa/spectrum/layers/<layer>/...``. See the module docstring for the route.
+      ``per_layer_scalars`` also ``kasa/spectrum/layers/<layer>/...``. They go out with the trainer's logs.
     - histograms ``train/kasa/spectrum/{lora_diag,singular_values}`` to TensorBoard / W&B when active.
     - one JSON line per record in ``jsonl_path``: ``{"step", "epoch", "layers": {name: {"lora_diag": [r],
       "singular_values": [r], "orthogonality_A", "orthogonality_B", "update_norm"}}}``, flushed each time
@@ -78,17 +70,24 @@ class SpectrumCallback(TrainerCallback):
       1300 x 520 pixels, from this run's records (``kasa_trl.spectrum_plots``). Needs matplotlib, skipped with
       a warning otherwise.
 
+    Scalars and histograms need a trainer whose ``log()`` calls :func:`log_spectra` (``KaSATrainer``,
+    ``KaSADPOTrainer``, or a ``log()`` override of your own, see there). With any other trainer the callback
+    writes the JSONL file and the pictures only, and says so in a warning at the first record the trainer's
+    ``log()`` left behind.
+
     Args:
-        every_n_steps: record every n optimizer steps. Default: whenever the trainer logs (``logging_steps``,
-            ``logging_first_step``, ``logging_strategy``), which keeps scalars aligned with the trainer's logs.
-            Records at steps where the trainer does not log go straight to TensorBoard / W&B.
+        every_n_steps: record every n optimizer steps, and have the trainer log at those steps too
+            (``control.should_log``), so that every record goes out with the trainer's logs. Default: record
+            whenever the trainer logs (``logging_steps``, ``logging_first_step``, ``logging_strategy``).
         jsonl_path: where the records go; default ``<output_dir>/kasa_spectrum.jsonl``.
         per_layer_scalars: also log every layer's scalars and histograms (floods loggers on large models).
         histograms: write histograms to TensorBoard / W&B.
         plots: draw the PNG pictures at the end of training, into ``output_dir``.
 
-    A record is also taken at the end of training if the last step was not recorded. Under DeepSpeed ZeRO-3
-    every rank gathers the adapter parameters (a collective, same order everywhere); only rank 0 writes.
+    A record is also taken at the end of training if the last step was not recorded; it goes to the file and
+    the pictures only (the trainer has logged for the last time). Under DeepSpeed ZeRO-3 every rank gathers the
+    adapter parameters (a collective, same order everywhere) and merges the scalars into its logs; only rank 0
+    writes.
     """
 
     def __init__(
@@ -100,33 +99,25 @@ class SpectrumCallback(TrainerCallback):
         histograms: bool = True,
         plots: bool = True,
     ) -> None:
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps <= 0):
+        if every_n_steps is not None and (
+            isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps <= 0
+        ):
             raise ValueError(f"every_n_steps must be a positive integer or None, got {every_n_steps!r}")
         self.every_n_steps = every_n_steps
         self.jsonl_path = jsonl_path
         self.per_layer_scalars = per_layer_scalars
         self.histograms = histograms
         self.plots = plots
-        self._handler: CallbackHandler | None = None
-        self._scalars: dict[str, float] = {}  # of the pending record, until a trainer's log() consumes them
-        self._pending: dict[str, Any] | None = None  # awaits on_log: histograms, fallback scalars
+        self._pending: dict[str, Any] | None = None  # the latest record, until the trainer's log() takes it
         self._last_step = -1
         self._history: list[
             tuple[int, dict[str, dict[str, Any]]]
         ] = []  # (step, record["layers"]) for the plots
-
-    def consume_scalars(self) -> dict[str, float]:
-        """The scalars of the latest record not yet logged, and forget them; ``{}`` if none.
-
-        Called by ``KaSATrainer.log`` (and :func:`pop_spectrum_scalars`) before ``super().log(logs)``."""
-        scalars, self._scalars = self._scalars, {}
-        return scalars
+        self._warned = False
 
     # -- events ----------------------------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        self._handler = _calling_callback_handler()
-        self._scalars, self._pending, self._last_step = {}, None, -1
-        self._history = []
+        self._pending, self._last_step, self._history, self._warned = None, -1, [], False
         if state.is_world_process_zero and state.global_step == 0:
             path = self._jsonl_file(args)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,8 +128,9 @@ class SpectrumCallback(TrainerCallback):
             due = control.should_log
         else:
             due = state.global_step % self.every_n_steps == 0
-        if due and self._record(args, state, kwargs.get("model")) and not control.should_log:
-            self._deliver(args, state, logs=None)  # no trainer log at this step: straight to the loggers
+        if due and self._record(args, state, kwargs.get("model")):
+            control.should_log = True  # the trainer logs this step, and its log() takes the record
+        return control
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # logging_strategy="epoch" decides to log here, after the step ended.
@@ -148,14 +140,25 @@ class SpectrumCallback(TrainerCallback):
     def on_log(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs
     ):
-        if self._pending is not None:
-            self._deliver(args, state, logs=logs)
+        if self._pending is None:
+            return
+        # The trainer's log() did not call log_spectra: this record is in the JSONL file, and no logger gets it.
+        self._pending = None
+        if state.is_world_process_zero and not self._warned:
+            self._warned = True
+            warnings.warn(
+                "SpectrumCallback: this trainer's log() does not call kasa_trl.callbacks.log_spectra, so the spectra "
+                f"go to {self._jsonl_file(args)} and the pictures only, not to the console, TensorBoard or W&B. "
+                "Train with KaSATrainer / KaSADPOTrainer, or override log(): "
+                "`log_spectra(self, logs); super().log(logs, start_time)`",
+                stacklevel=2,
+            )
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        # The TensorBoard callback has closed its writer by now: the final record goes to the file only.
+        # The trainer has logged for the last time (and TensorBoard has closed its writer): file and pictures only.
         if state.global_step > 0 and self._last_step != state.global_step:
             self._record(args, state, kwargs.get("model"))
-            self._scalars, self._pending = {}, None
+        self._pending = None
         if self.plots and state.is_world_process_zero and self._history:
             try:
                 if not save_spectrum_plots(self._history, args.output_dir):
@@ -171,84 +174,67 @@ class SpectrumCallback(TrainerCallback):
 
     def _record(self, args: TrainingArguments, state: TrainerState, model: nn.Module | None) -> bool:
         """Take a record of ``model``'s adapters (collective under ZeRO-3); False if there is nothing to record."""
-        layers = kasa_layers(_unwrap(model)) if model is not None else {}
+        layers = kasa_layers(extract_model_from_parallel(model)) if model is not None else {}
         if not layers:
             return False
-        record = {"step": state.global_step, "epoch": state.epoch, "layers": {}}
+        record: dict[str, Any] = {"step": state.global_step, "epoch": state.epoch, "layers": {}}
         for name, layer in layers.items():
-            with _gathered(list(layer.adapter_params().values())):
+            with gathered(list(layer.adapter_params().values())):
                 record["layers"][name] = _layer_record(layer)
         self._last_step = state.global_step
-        self._scalars = _summary_scalars(record["layers"], self.per_layer_scalars)
         self._pending = record
-        if state.is_world_process_zero and self.plots:
-            self._history.append((state.global_step, record["layers"]))
         if state.is_world_process_zero:
+            if self.plots:
+                self._history.append((state.global_step, record["layers"]))
             with self._jsonl_file(args).open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         return True
 
-    def _deliver(self, args: TrainingArguments, state: TrainerState, logs: dict[str, float] | None) -> None:
-        """Write the pending record's histograms, and its scalars unless a trainer's log() consumed them."""
+    def _log_pending(
+        self, logs: dict[str, float], state: TrainerState, callbacks: Sequence[TrainerCallback]
+    ) -> None:
+        """Merge the pending record's scalars into ``logs`` and, on the main process, write its histograms to the
+        TensorBoard / W&B callbacks among ``callbacks``; forget the record. A record of an earlier step (a log the
+        trainer skipped) is dropped: the loggers would file it under the wrong step."""
         record, self._pending = self._pending, None
-        step, scalars = record["step"], self.consume_scalars()
-        if scalars and logs is not None:
-            logs.update(scalars)
-            if state.log_history and state.log_history[-1].get("step") == step:
-                state.log_history[-1].update(scalars)
-        if not state.is_world_process_zero:
+        if record is None or record["step"] != state.global_step:
             return
-        tagged = rewrite_logs(scalars)  # the "train/" tags the integrations give every train metric
-        hists = _histograms(record["layers"], self.per_layer_scalars) if self.histograms else {}
-        writer = self._tb_writer(args)
-        if writer is not None and (tagged or hists):
-            for tag, value in tagged.items():
-                writer.add_scalar(tag, value, step)
-            for tag, values in hists.items():
-                writer.add_histogram(tag, values, step)
-            writer.flush()
-        wandb = self._wandb(args)
-        if wandb is not None and (tagged or hists):
-            wandb.log(
-                {**tagged, **{t: wandb.Histogram(v) for t, v in hists.items()}, "train/global_step": step}
+        logs.update(_summary_scalars(record["layers"], self.per_layer_scalars))
+        if self.histograms and state.is_world_process_zero:
+            _write_histograms(
+                _histograms(record["layers"], self.per_layer_scalars), record["step"], callbacks
             )
 
-    def _tb_writer(self, args: TrainingArguments) -> Any:
-        if self._handler is not None:
-            for callback in self._handler.callbacks:
-                if isinstance(callback, TensorBoardCallback):
-                    return callback.tb_writer
-        elif "tensorboard" in (args.report_to or []):
-            warnings.warn(
-                "SpectrumCallback could not find the trainer's TensorBoardCallback; spectra go to the JSONL file "
-                "and to whatever the trainer's log() merges from consume_scalars()",
-                stacklevel=2,
-            )
-        return None
 
-    def _wandb(self, args: TrainingArguments) -> Any:
-        wandb = sys.modules.get("wandb")  # imported by WandbCallback when W&B is on; never import it here
-        if wandb is None or getattr(wandb, "run", None) is None:
-            return None
-        if self._handler is not None:
-            active = any(isinstance(c, WandbCallback) for c in self._handler.callbacks)
-        else:
-            active = "wandb" in (args.report_to or [])
-        return wandb if active else None
+def log_spectra(trainer: Trainer, logs: dict[str, float]) -> None:
+    """Merge the pending spectra of ``trainer``'s ``SpectrumCallback`` into ``logs`` (in place) and write their
+    histograms to its TensorBoard / W&B callbacks. For a trainer's ``log()``, before the parent's::
 
+        def log(self, logs, start_time=None):
+            log_spectra(self, logs)
+            super().log(logs, start_time)
 
-def pop_spectrum_scalars(trainer: Any) -> dict[str, float]:
-    """Consume the pending scalars of every ``SpectrumCallback`` of ``trainer``; for a ``log()`` override::
-
-    def log(self, logs, start_time=None):
-        logs.update(pop_spectrum_scalars(self))
-        super().log(logs, start_time)
-    """
-    scalars: dict[str, float] = {}
-    for callback in trainer.callback_handler.callbacks:
+    ``KaSATrainer`` and ``KaSADPOTrainer`` do this. Call it on every rank (each merges the same scalars)."""
+    callbacks = trainer.callback_handler.callbacks
+    for callback in callbacks:
         if isinstance(callback, SpectrumCallback):
-            scalars.update(callback.consume_scalars())
-    return scalars
+            callback._log_pending(logs, trainer.state, callbacks)
+
+
+def _write_histograms(hists: dict[str, np.ndarray], step: int, callbacks: Sequence[TrainerCallback]) -> None:
+    if not hists:
+        return
+    for callback in callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
+            for tag, values in hists.items():
+                callback.tb_writer.add_histogram(tag, values, step)
+        elif isinstance(callback, WandbCallback):
+            import wandb  # a WandbCallback exists only where wandb is installed, and has imported it
+
+            if wandb.run is not None:
+                wandb.log(
+                    {**{tag: wandb.Histogram(v) for tag, v in hists.items()}, "train/global_step": step}
+                )
 
 
 @torch.no_grad()
@@ -315,41 +301,3 @@ def _histograms(layers: dict[str, dict[str, Any]], per_layer: bool) -> dict[str,
             if values.size:
                 hists[f"train/{SPECTRUM_PREFIX}/{prefix}{key}"] = values
     return hists
-
-
-@contextlib.contextmanager
-def _gathered(params: list[nn.Parameter]) -> Iterator[None]:
-    """Make ZeRO-3 partitioned ``params`` whole for reading (no-op otherwise). A collective: every rank must enter
-    it with the same parameters in the same order."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield
-    else:
-        yield
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while type(model).__name__ in _WRAPPERS:
-        model = getattr(model, _WRAPPERS[type(model).__name__])
-    return model
-
-
-def _calling_callback_handler() -> CallbackHandler | None:
-    """The ``CallbackHandler`` dispatching the current event (the ``self`` of ``call_event`` up the stack).
-
-    Callbacks are given no reference to their trainer; this is how a callback built with no arguments finds the
-    TensorBoard / W&B callbacks it shares the trainer with. None if not called through a handler."""
-    frame = inspect.currentframe()
-    try:
-        for _ in range(8):
-            frame = frame.f_back if frame is not None else None
-            if frame is None:
-                return None
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, CallbackHandler):
-                return owner
-        return None
-    finally:
-        del frame

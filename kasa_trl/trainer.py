@@ -23,6 +23,7 @@ from transformers.trainer_utils import TrainOutput
 from trl import SFTTrainer
 
 from .adapter_io import layer_tensors, model_name_or_path, read_adapter, write_adapter
+from .callbacks import log_spectra
 from .checkpoint import last_complete_checkpoint
 from .config import KaSAConfig, config_differences, format_differences
 from .distributed import gathered
@@ -153,10 +154,8 @@ class KaSATrainerMixin:
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        for callback in self.callback_handler.callbacks:
-            consume = getattr(callback, "consume_scalars", None)
-            if callable(consume):
-                logs.update(consume())
+        # Before the parent's: the TensorBoard / W&B callbacks read ``logs`` in on_log, before any user callback.
+        log_spectra(self, logs)
         super().log(logs, start_time)
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
