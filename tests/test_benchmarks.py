@@ -25,6 +25,7 @@ GOAL_KEYS = {"figure", "peer", "goal", "measured", "unit", "met", "note"}
 
 sys.path.insert(0, str(BENCH_DIR))
 import harness  # noqa: E402
+import measure  # noqa: E402
 import zero3_init  # noqa: E402
 
 # -- the harness ----------------------------------------------------------------------------------------------
@@ -32,8 +33,8 @@ import zero3_init  # noqa: E402
 
 def test_compare_rotates_the_order_every_repetition(monkeypatch):
     calls = []
-    monkeypatch.setattr(harness.gc, "collect", lambda: calls.append("gc"))
-    times = harness.compare(
+    monkeypatch.setattr(measure.gc, "collect", lambda: calls.append("gc"))
+    times = measure.compare(
         ["a", "b", "c"], lambda peer, rep: calls.append((rep, peer)) or len(calls) / 2, 3, log=False
     )
     assert calls[::2] == ["gc"] * 9  # a collection before every measurement
@@ -52,7 +53,7 @@ def test_compare_rotates_the_order_every_repetition(monkeypatch):
 
 
 def test_ratios_pair_repetitions_and_report_median_and_quartiles():
-    times = harness.Comparison({"kasa": [1.0, 4.0, 9.0, 2.0, 5.0], "peft": [1.0, 2.0, 3.0, 1.0, 1.0]})
+    times = measure.Comparison({"kasa": [1.0, 4.0, 9.0, 2.0, 5.0], "peft": [1.0, 2.0, 3.0, 1.0, 1.0]})
     ratio = times.ratio("kasa", "peft")
     assert ratio["per_rep"] == [1.0, 2.0, 3.0, 2.0, 5.0]  # rep by rep, not median over median (5 / 1)
     assert (ratio["median"], ratio["q1"], ratio["q3"], ratio["min"], ratio["max"]) == (
@@ -62,8 +63,8 @@ def test_ratios_pair_repetitions_and_report_median_and_quartiles():
         1.0,
         5.0,
     )
-    assert harness.quartiles(ratio) == "quartiles 2-3 over 5 repetitions"
-    single = harness.Comparison({"a": [3.0], "b": [2.0]}).ratio("a", "b")
+    assert measure.quartiles(ratio) == "quartiles 2-3 over 5 repetitions"
+    single = measure.Comparison({"a": [3.0], "b": [2.0]}).ratio("a", "b")
     assert single["median"] == single["q1"] == single["q3"] == 1.5
 
 
@@ -80,12 +81,12 @@ def test_shared_options_are_forwarded_only_when_given_and_parse_back():
 
 def test_a_fresh_process_returns_its_result_or_names_its_error():
     ctx = mp.get_context("fork")  # the benchmarks' forkserver only starts processes faster
-    assert harness.in_fresh_process(ctx, int, "12") == 12
+    assert measure.in_fresh_process(ctx, int, "12") == 12
     with pytest.raises(RuntimeError, match=r"int\('x',\) failed in its process: ValueError: invalid literal"):
-        harness.in_fresh_process(ctx, int, "x")
+        measure.in_fresh_process(ctx, int, "x")
 
 
-def _scoped_run() -> list[harness.Scope]:
+def _scoped_run() -> list[measure.Scope]:
     """The scopes of one simulated sharded apply_kasa: a group gathered and decomposed, then a fallback gather
     around a truncation, then a truncation alone."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -99,7 +100,7 @@ def _scoped_run() -> list[harness.Scope]:
             torch.ones(4).sum()
         with record_function(zero3_init.TRUNCATE), record_function("not_ours"):
             torch.ones(4).sum()
-    return harness.profiled_scopes(prof)
+    return measure.profiled_scopes(prof)
 
 
 def test_profiled_scopes_keep_the_nesting_and_only_the_prefix():
@@ -136,7 +137,7 @@ def test_the_library_opens_the_scopes_zero3_init_reads(tiny_llama):
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         apply_kasa(tiny_llama, KaSAConfig(r=2, target_modules=["q_proj", "down_proj"], base_mode="in_place"))
-    names = [s.name for s in harness.profiled_scopes(prof)]
+    names = [s.name for s in measure.profiled_scopes(prof)]
     # One decomposition and one truncation per target; the gathers and the schedule only open under ZeRO-3
     # (the end-to-end run below checks those).
     assert sorted(set(names)) == [zero3_init.DECOMPOSE, zero3_init.TRUNCATE]

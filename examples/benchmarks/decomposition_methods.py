@@ -1,9 +1,9 @@
 """Time and check the ways ``kasa_trl.decomposition.minor_components`` finds the removed part R.
 
-This is how ``auto`` was chosen (numbers in ``kasa_trl/decomposition.py``'s docstring). For each shape and spectrum
-it builds ``W = U diag(s) V^T`` (fp32, Haar-random U, V), times every method (median over repeats, the order of
-the methods rotating between repeats so none always runs on a cold or a noisy slot), and compares the removed
-part with float64 full SVD:
+This is how ``auto`` was chosen (the methods and their guarantees: ``kasa_trl/decomposition.py``'s docstring). For
+each shape and spectrum it builds ``W = U diag(s) V^T`` (fp32, Haar-random U, V), times every method (median over
+repeats, the order of the methods rotating between repeats so none always runs on a cold or a noisy slot), and
+compares the removed part with float64 full SVD:
 
 - ``R err``: ``||R - R_svd||_F / ||R_svd||_F``, only where the cut has a clear gap (else R is not unique);
 - ``energy err``: ``| ||R||_F^2 - sum of the n smallest s^2 | / sum of the n smallest s^2`` (always well defined);
@@ -32,6 +32,7 @@ from kasa_trl.decomposition import DECOMPOSITION_METHODS, minor_components
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
+import measure  # noqa: E402
 
 BASELINE = "fp32 svd"
 # name -> whether the cut has a clear gap, so that R itself is unique and can be compared directly
@@ -110,11 +111,11 @@ def bench_case(shape, spectrum_name, methods, n, repeats, device, seed, check_sp
     gap = SPECTRA[spectrum_name]
     results = {}
 
-    def measure(method: str, rep: int) -> float:
-        elapsed, results[method] = harness.timed(runner(method, weight, n), device)
+    def one(method: str, rep: int) -> float:
+        elapsed, results[method] = measure.timed(runner(method, weight, n), device)
         return elapsed
 
-    times = harness.compare(methods, measure, repeats, log=False)
+    times = measure.compare(methods, one, repeats, log=False)
     rows = []
     for method in methods:
         rows.append(

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
+import measure  # noqa: E402
 import workload  # noqa: E402
 
 GOAL_RATIO = 1 / 3
@@ -88,20 +89,20 @@ def run(args: argparse.Namespace, cache: harness.BaseCache | None = None) -> dic
         originals: dict[str, torch.Tensor] = {}
         references: dict[str, tuple] = {}
 
-        def measure(name: str, rep: int) -> float:
+        def one(name: str, rep: int) -> float:
             model = run_.load_base()
             if rep == 0 and not references:
                 linears = workload.adapted_linears(model)
                 for n in [n for n in linears if args.check_all or ".layers.0." in n]:
                     originals[n] = linears[n].weight.detach().cpu().clone()
                     references[n] = _reference(originals[n], spec.r)
-            seconds, adapted = harness.timed(lambda: adapt[name](model), device)
+            seconds, adapted = measure.timed(lambda: adapt[name](model), device)
             if rep == 0:
                 checked[name] = accuracy(name, adapted, originals, references, spec.r)
                 checked[name]["_targets"] = workload.adapted_names(adapted)
             return seconds
 
-        times = harness.compare(list(adapt), measure, run_.repeats)
+        times = measure.compare(list(adapt), one, run_.repeats)
         targets = {tuple(v.pop("_targets")) for v in checked.values()}
         if len(targets) != 1:
             raise RuntimeError("kasa_trl and PEFT adapted different layers: the comparison would be unfair")
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace, cache: harness.BaseCache | None = None) -> dic
         goals = [
             harness.goal(
                 "KaSA initialization time", PEFT_PEER, "<= 0.333x", ratio["median"], ratio["median"] <= GOAL_RATIO,
-                note=f"{auto['peer']}; {harness.quartiles(ratio)}",
+                note=f"{auto['peer']}; {measure.quartiles(ratio)}",
             ),
             harness.goal(
                 "removed part vs float64 SVD", "float64 SVD", "<= 1e-6 relative",
@@ -146,11 +147,11 @@ def run(args: argparse.Namespace, cache: harness.BaseCache | None = None) -> dic
             extra["profile"] = {}
             for name in adapt:
                 model = run_.load_base()
-                prof = harness.cprofile(
-                    lambda m=model, a=adapt[name]: (a(m), harness.sync(device)), args.profile_top
+                prof = measure.cprofile(
+                    lambda m=model, a=adapt[name]: (a(m), measure.sync(device)), args.profile_top
                 )
                 extra["profile"][name] = prof
-                notes.append(f"cProfile {name}: {harness.cprofile_summary(prof)}")
+                notes.append(f"cProfile {name}: {measure.cprofile_summary(prof)}")
         settings = {"repeats": run_.repeats, "methods": args.methods}
         return run_.report("init_time", settings=settings, rows=rows, table=table, goals=goals, notes=notes,
                            **extra)  # fmt: skip

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
+import measure  # noqa: E402
 import workload  # noqa: E402
 
 GOAL_SPEEDUP = 20.0
@@ -86,9 +87,9 @@ def run(args: argparse.Namespace, cache: harness.BaseCache | None = None) -> dic
         sizes = {peer: sum(f.stat().st_size for f in dirs[peer].iterdir()) for peer in peers}
         diffs: dict[str, float] = {}
 
-        def measure(name: str, rep: int) -> float:
+        def one(name: str, rep: int) -> float:
             model = run_.load_base()
-            seconds, loaded = harness.timed(lambda: load(name, model, dirs[name]), device)
+            seconds, loaded = measure.timed(lambda: load(name, model, dirs[name]), device)
             if rep == 0:
                 after = _base_weights(loaded)
                 if sorted(after) != sorted(saved[name]):
@@ -96,12 +97,12 @@ def run(args: argparse.Namespace, cache: harness.BaseCache | None = None) -> dic
                 diffs[name] = max(float((after[k] - saved[name][k]).abs().max()) for k in after)
             return seconds
 
-        times = harness.compare(peers, measure, run_.repeats)
+        times = measure.compare(peers, one, run_.repeats)
         profiles = {}
         if args.profile:  # one extra load onto a fresh base per peer
             for name in peers:
                 model = run_.load_base()
-                profiles[name] = harness.cprofile(
+                profiles[name] = measure.cprofile(
                     lambda n=name, m=model: load(n, m, dirs[n]), args.profile_top
                 )
 
@@ -127,14 +128,14 @@ def run(args: argparse.Namespace, cache: harness.BaseCache | None = None) -> dic
         goals = [
             harness.goal(
                 "adapter load time onto a fresh base", PEFT_PEER, f">= {GOAL_SPEEDUP:g}x faster", speedup["median"],
-                speedup["median"] >= GOAL_SPEEDUP, unit="x faster", note=f"{peers[0]}; {harness.quartiles(speedup)}",
+                speedup["median"] >= GOAL_SPEEDUP, unit="x faster", note=f"{peers[0]}; {measure.quartiles(speedup)}",
             )
         ]  # fmt: skip
         notes = [
             "time = the adapter load alone (fresh base loaded beforehand, untimed); the kasa_trl adapter "
             "carries the removed factors (r x (in + out) per layer), hence its larger size.",
         ]
-        notes += [f"cProfile {name}: {harness.cprofile_summary(prof)}" for name, prof in profiles.items()]
+        notes += [f"cProfile {name}: {measure.cprofile_summary(prof)}" for name, prof in profiles.items()]
         return run_.report("load_time", settings={"repeats": run_.repeats}, rows=rows, table=table, goals=goals,
                            notes=notes, **({"profile": profiles} if profiles else {}))  # fmt: skip
 

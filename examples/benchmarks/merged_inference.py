@@ -26,6 +26,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
+import measure  # noqa: E402
 import workload  # noqa: E402
 
 BASE = "base (untouched)"
@@ -81,12 +82,12 @@ def run(args: argparse.Namespace, cache: harness.BaseCache | None = None) -> dic
         for model in models.values():  # warm-up
             forward(model)
 
-        def measure(name: str, rep: int) -> float:
+        def one(name: str, rep: int) -> float:
             return statistics.median(
-                harness.timed(lambda: forward(models[name]), device)[0] for _ in range(forwards)
+                measure.timed(lambda: forward(models[name]), device)[0] for _ in range(forwards)
             )
 
-        times = harness.compare(list(PEERS), measure, run_.repeats)
+        times = measure.compare(list(PEERS), one, run_.repeats)
         rows, table_rows = [], []
         for name in PEERS:
             ratio = times.ratio(name, BASE)
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace, cache: harness.BaseCache | None = None) -> dic
         goals = [
             harness.goal(
                 "merged model inference", BASE, f"same time (within {GOAL_TOLERANCE:.0%})", ratio["median"],
-                abs(ratio["median"] - 1) <= GOAL_TOLERANCE, note=f"{MERGED_IN_PLACE}; {harness.quartiles(ratio)}",
+                abs(ratio["median"] - 1) <= GOAL_TOLERANCE, note=f"{MERGED_IN_PLACE}; {measure.quartiles(ratio)}",
             )
         ]  # fmt: skip
         settings = {"repeats": run_.repeats, "batch": batch_size, "seq": seq, "forwards": forwards}

@@ -45,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
+import measure  # noqa: E402
 import workload  # noqa: E402
 
 KASA_NO_REG = "kasa_trl in_place, no reg"
@@ -117,7 +118,7 @@ def memory_worker(peer: str, base: str, spec: dict, dtype: str, device: str, sha
     torch.set_num_threads(threads)
     spec_, device_, dtype_ = workload.ModelSpec(**spec), torch.device(device), getattr(torch, dtype)
     trainee = Trainee(peer, Path(base), spec_, dtype_, device_, workload.random_batch(spec_, *shape, device_))
-    harness.release_memory()
+    measure.release_memory()
     result = {"peer": peer, "trainable_params": trainee.trainable}
     if device_.type == "cuda":
         torch.cuda.synchronize(device_)
@@ -147,14 +148,14 @@ def measure_memory(ctx, peers: list[str], run_: harness.Run, shape: tuple[int, i
     dtype = str(run_.dtype).replace("torch.", "")
     runs: dict[str, list[dict]] = {peer: [] for peer in peers}
 
-    def measure(peer: str, rep: int) -> float:
-        result = harness.in_fresh_process(ctx, memory_worker, peer, str(run_.base), asdict(run_.spec), dtype,
+    def one(peer: str, rep: int) -> float:
+        result = measure.in_fresh_process(ctx, memory_worker, peer, str(run_.base), asdict(run_.spec), dtype,
                                           str(run_.device), shape, args.memory_steps, threads)  # fmt: skip
         print(f"  memory {peer}: peak {result['peak_mb']:.1f} MB", file=sys.stderr, flush=True)
         runs[peer].append(result)
         return result["peak_mb"]
 
-    harness.compare(peers, measure, args.memory_repeats, log=False)
+    measure.compare(peers, one, args.memory_repeats, log=False)
     results = {}
     for peer, results_ in runs.items():
         merged = dict(results_[0])
@@ -175,7 +176,7 @@ def run(args: argparse.Namespace, cache: harness.BaseCache | None = None) -> dic
         batch_size, seq = args.batch or 2, args.seq or (32 if args.quick else 256)
         steps = args.steps or (2 if args.quick else 1)
         # Started first, the forkserver imports the libraries while the timed peers are built.
-        ctx = None if args.no_memory else harness.forkserver(MEMORY_PRELOAD, MEMORY_ENV)
+        ctx = None if args.no_memory else measure.forkserver(MEMORY_PRELOAD, MEMORY_ENV)
         peers = args.peers or PEERS
         if args.memory_only:
             return memory_only(run_, ctx, peers, (batch_size, seq))
@@ -188,23 +189,23 @@ def run(args: argparse.Namespace, cache: harness.BaseCache | None = None) -> dic
 
         cpu_times: dict[str, list[float]] = {name: [] for name in peers}
 
-        def measure(name: str, rep: int) -> float:
+        def one(name: str, rep: int) -> float:
             walls, cpus = zip(
-                *(harness.timed_cpu(trainees[name].step, device) for _ in range(steps)), strict=True
+                *(measure.timed_cpu(trainees[name].step, device) for _ in range(steps)), strict=True
             )
             cpu_times[name].append(statistics.median(cpus))
             return statistics.median(walls)
 
-        times = harness.compare(peers, measure, run_.repeats)
-        cpu = harness.Comparison(cpu_times)
+        times = measure.compare(peers, one, run_.repeats)
+        cpu = measure.Comparison(cpu_times)
         profiles = {}
         if args.profile:
             profiles = {
-                name: harness.op_profile(t.step, device, args.profile_top) for name, t in trainees.items()
+                name: measure.op_profile(t.step, device, args.profile_top) for name, t in trainees.items()
             }
         trainable = {name: t.trainable for name, t in trainees.items()}
         trainees.clear()  # free the models before the memory processes run
-        harness.release_memory()
+        measure.release_memory()
         memory = {}
         if not args.no_memory:
             memory = measure_memory(ctx, [p for p in MEMORY_PEERS if p in peers], run_, (batch_size, seq))
@@ -253,13 +254,13 @@ def run(args: argparse.Namespace, cache: harness.BaseCache | None = None) -> dic
             row = by_peer[name]
             ratio = row["ratio_to_peft_lora"]
             goals.append(harness.goal("training step time", workload.PEFT_LORA, f"<= {GOAL_VS_LORA}x", ratio["median"],
-                                      ratio["median"] <= GOAL_VS_LORA, note=f"{name}; {harness.quartiles(ratio)}"))  # fmt: skip
+                                      ratio["median"] <= GOAL_VS_LORA, note=f"{name}; {measure.quartiles(ratio)}"))  # fmt: skip
             if row["ratio_to_peft_kasa"]:
                 ratio = row["ratio_to_peft_kasa"]
                 goals.append(
                     harness.goal("training step time", "PEFT KaSA + _get_kasa_loss()", f"<= {GOAL_VS_PEFT_KASA}x",
                                  ratio["median"], ratio["median"] <= GOAL_VS_PEFT_KASA,
-                                 note=f"{name}; {harness.quartiles(ratio)}")
+                                 note=f"{name}; {measure.quartiles(ratio)}")
                 )  # fmt: skip
             if row["memory_ratio_to_peft_lora"] is not None:
                 goals.append(memory_goal(name, row["memory_ratio_to_peft_lora"], device))

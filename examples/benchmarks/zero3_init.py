@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
+import measure  # noqa: E402
 import workload  # noqa: E402
 
 GOAL_RATIO = 0.65
@@ -68,7 +69,7 @@ def ds_config() -> dict:
 # -- one rank ------------------------------------------------------------------------------------------------
 
 
-def phases(scopes: list[harness.Scope]) -> dict[str, float]:
+def phases(scopes: list[measure.Scope]) -> dict[str, float]:
     """Seconds per phase of one ``apply_kasa`` on this rank, from its profiler scopes: the decompositions, the
     sharded schedule (decompositions included), the gathers outside it (the per-layer fallback, truncations
     included), the truncations."""
@@ -115,7 +116,7 @@ def worker(args: argparse.Namespace) -> None:
             dist.barrier()
             seconds = time.perf_counter() - start
         per_rank = [None] * world
-        dist.all_gather_object(per_rank, phases(harness.profiled_scopes(prof)))
+        dist.all_gather_object(per_rank, phases(measure.profiled_scopes(prof)))
         norms = {
             name: float(layer.removed_left.double().norm()) for name, layer in kasa_layers(model).items()
         }
@@ -215,7 +216,7 @@ def run(args: argparse.Namespace, cache: harness.BaseCache | None = None) -> dic
             with ThreadPoolExecutor(len(WORLDS)) as pool:
                 list(pool.map(one, WORLDS))
         else:  # 1, 2, 2, 1, ...
-            harness.compare(list(WORLDS), one, -(-(args.launches or 4) // 2), log=False)
+            measure.compare(list(WORLDS), one, -(-(args.launches or 4) // 2), log=False)
         times: dict[int, list[float]] = {1: [], 2: []}
         decompose: dict[int, list[list[float]]] = {1: [], 2: []}
         phases_: dict[int, list[list[dict]]] = {1: [], 2: []}
@@ -241,7 +242,7 @@ def run(args: argparse.Namespace, cache: harness.BaseCache | None = None) -> dic
             }
             total = statistics.median(times[world])
             rows.append({
-                "ranks": world, "threads_per_rank": threads[world], "apply_s": harness.stats(times[world]),
+                "ranks": world, "threads_per_rank": threads[world], "apply_s": measure.stats(times[world]),
                 "phases_s_slowest_rank": slowest, "decompose_s_per_rank": decompose[world],
                 "phases_per_rank": phases_[world], "launch_s": launch_s[world],
             })  # fmt: skip
