@@ -166,10 +166,6 @@ class Run:
     cache: BaseCache
     base: Path
 
-    @property
-    def quick(self) -> bool:
-        return self.args.quick
-
     def load_base(self) -> torch.nn.Module:
         """A fresh copy of the base, resident, in the run's dtype on its device."""
         return workload.load_base(self.base, self.dtype, self.device)
