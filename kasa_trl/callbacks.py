@@ -110,9 +110,8 @@ class SpectrumCallback(TrainerCallback):
         self.plots = plots
         self._pending: dict[str, Any] | None = None  # the latest record, until the trainer's log() takes it
         self._last_step = -1
-        self._history: list[
-            tuple[int, dict[str, dict[str, Any]]]
-        ] = []  # (step, record["layers"]) for the plots
+        # (step, record["layers"]) of this run, for the pictures
+        self._history: list[tuple[int, dict[str, dict[str, Any]]]] = []
         self._warned = False
 
     # -- events ----------------------------------------------------------------------------------------------
