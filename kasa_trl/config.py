@@ -8,9 +8,9 @@ import math
 import numbers
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard, cast
 
 import numpy as np
 import torch
@@ -221,12 +221,12 @@ def _decomposition_methods() -> tuple[str, ...]:
     return DECOMPOSITION_METHODS
 
 
-def _is_integer(value: object) -> bool:
+def _is_integer(value: object) -> TypeGuard[numbers.Integral]:
     """Python and NumPy integers; not bools (``numbers.Integral`` includes ``bool``, not ``numpy.bool_``)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_real(value: object) -> bool:
+def _is_real(value: object) -> TypeGuard[numbers.Real]:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -246,7 +246,8 @@ def _check_alpha(name: str, value: object) -> float:
 
 
 def _check_dropout(name: str, value: object) -> float:
-    if not _is_real(value) or not 0.0 <= value < 1.0:
+    # Checked as stored too: a value just below 1 (a Fraction, a NumPy long double) can round to the float 1.0.
+    if not _is_real(value) or value < 0.0 or not value < 1.0 or float(value) >= 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}; 0 turns dropout off")
     return float(value)
 
@@ -295,7 +296,7 @@ def _check_optional_targets(name: str, value: object) -> list[str] | str | None:
 
 
 def _check_regularizers(name: str, value: object) -> dict[str, float]:
-    return validate_regularizer_weights(value)
+    return validate_regularizer_weights(cast(Mapping[str, float], value))  # it checks what it gets
 
 
 _FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {

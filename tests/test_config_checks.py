@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -41,6 +42,10 @@ BAD_FIELDS = {
     "dropout-negative": ({"lora_dropout": -0.1}, r"lora_dropout must be in \[0, 1\), got -0\.1"),
     "dropout-bool": ({"lora_dropout": False}, r"lora_dropout must be in \[0, 1\), got False"),
     "dropout-string": ({"lora_dropout": "0.1"}, r"lora_dropout must be in \[0, 1\), got '0\.1'"),
+    "dropout-rounds-to-one": (  # below 1, but stored as float(value) == 1.0
+        {"lora_dropout": Fraction(2**60 - 1, 2**60)},
+        r"lora_dropout must be in \[0, 1\), got Fraction\(1152921504606846975, 1152921504606846976\)",
+    ),
     "rslora-string": ({"use_rslora": "no"}, r"use_rslora must be True or False, got 'no'"),
     "rslora-int": ({"use_rslora": 1}, r"use_rslora must be True or False, got 1"),
     "rslora-none": ({"use_rslora": None}, r"use_rslora must be True or False, got None"),
