@@ -33,7 +33,7 @@ import functools
 import operator
 import re
 import warnings
-from typing import SupportsIndex
+from typing import Any, SupportsIndex
 
 import torch
 from torch import Tensor
@@ -70,7 +70,7 @@ _PROTOTYPES = {
         "int *ldc, double *work, int *lwork, int *info",
     ),
 }
-_C_TYPES = {
+_C_TYPES: dict[str, type[ctypes.c_char_p] | type[ctypes._Pointer[Any]]] = {
     "char": ctypes.c_char_p,
     "int": ctypes.POINTER(ctypes.c_int),
     "double": ctypes.POINTER(ctypes.c_double),

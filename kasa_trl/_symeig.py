@@ -22,10 +22,14 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import _lapack
+
+if TYPE_CHECKING:
+    from threadpoolctl import ThreadpoolController
 
 BACKENDS = ("lapack", "torch")
 _F64, _I32 = torch.float64, torch.int32
@@ -60,7 +64,7 @@ def cpu_threads(backend: str, blas_threads: int) -> Iterator[None]:
 
 
 @functools.cache
-def _blas_threadpools():
+def _blas_threadpools() -> ThreadpoolController | None:
     """threadpoolctl's handle on the BLAS libraries loaded (SciPy's among them), or None without threadpoolctl."""
     if not _lapack.available():
         return None

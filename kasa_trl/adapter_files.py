@@ -59,7 +59,7 @@ class AdapterInfo:
 
 
 def write_adapter(
-    save_directory: str | os.PathLike,
+    save_directory: str | os.PathLike[str],
     tensors: dict[str, torch.Tensor],
     config: KaSAConfig,
     *,
@@ -148,7 +148,7 @@ def _identity(path: Path) -> tuple[int, int] | None:
 # --- reading -----------------------------------------------------------------------------------------------------
 
 
-def read_adapter(directory: str | os.PathLike) -> tuple[KaSAConfig, dict[str, dict[str, torch.Tensor]]]:
+def read_adapter(directory: str | os.PathLike[str]) -> tuple[KaSAConfig, dict[str, dict[str, torch.Tensor]]]:
     """The config and, per layer, the tensors of a saved adapter.
 
     Every problem of the files is a ``ValueError`` naming the file (a missing adapter a ``FileNotFoundError``):
@@ -168,14 +168,14 @@ def read_adapter(directory: str | os.PathLike) -> tuple[KaSAConfig, dict[str, di
     return info.config, per_layer
 
 
-def read_adapter_info(directory: str | os.PathLike) -> AdapterInfo:
+def read_adapter_info(directory: str | os.PathLike[str]) -> AdapterInfo:
     """The header of a saved adapter: config, layers, base model name. Checks the header as ``read_adapter`` does
     (not the tensors' values, which it does not read)."""
     with directory_lock(_existing_directory(directory), exclusive=False):
         return _read_header(directory)[0]
 
 
-def _existing_directory(directory: str | os.PathLike) -> Path:
+def _existing_directory(directory: str | os.PathLike[str]) -> Path:
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"adapter directory must be a str or a path, got {type(directory).__name__}")
     path = Path(directory) / ADAPTER_FILE
@@ -192,7 +192,7 @@ def _existing_directory(directory: str | os.PathLike) -> Path:
     return Path(directory)
 
 
-def _read_header(directory: str | os.PathLike) -> tuple[AdapterInfo, dict[str, Spec]]:
+def _read_header(directory: str | os.PathLike[str]) -> tuple[AdapterInfo, dict[str, Spec]]:
     path = _existing_directory(directory) / ADAPTER_FILE
     try:
         with safe_open(str(path), framework="pt") as f:

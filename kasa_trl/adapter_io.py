@@ -25,7 +25,7 @@ from .layer import KaSALinear
 from .model import get_kasa_config, install_kasa_layers, kasa_layers
 from .shared_weights import config_for_targets
 from .targets import check_adapter_fits, check_supported, removed_rank
-from .weights import base_weight, weight_shape
+from .weights import base_weight, stored_weight, weight_shape
 
 __all__ = [  # the file-level names are re-exported: callers import them from here
     "ADAPTER_FILE",
@@ -82,7 +82,7 @@ def model_name_or_path(model: nn.Module) -> str | None:
 
 
 def save_kasa_adapter(
-    model: nn.Module, save_directory: str | os.PathLike, *, base_model_name_or_path: str | None = None
+    model: nn.Module, save_directory: str | os.PathLike[str], *, base_model_name_or_path: str | None = None
 ) -> Path:
     """Write the adapter of ``model`` to ``save_directory`` (created if needed); returns the directory.
 
@@ -98,7 +98,7 @@ def save_kasa_adapter(
 # --- loading onto a model ----------------------------------------------------------------------------------------
 
 
-def verify_adapter_base(model: nn.Module, adapter_directory: str | os.PathLike) -> None:
+def verify_adapter_base(model: nn.Module, adapter_directory: str | os.PathLike[str]) -> None:
     """Every check ``load_kasa_adapter`` runs, without changing ``model``: the files (header, dtypes, shapes,
     finite values, ``kasa_config.json``), and that ``model`` is the base the adapter was trained on (each target
     exists, is supported, has the adapter's shapes and the base weight: see ``fingerprint``)."""
@@ -106,7 +106,7 @@ def verify_adapter_base(model: nn.Module, adapter_directory: str | os.PathLike) 
 
 
 def load_kasa_adapter(
-    model: nn.Module, adapter_directory: str | os.PathLike, *, is_trainable: bool = False
+    model: nn.Module, adapter_directory: str | os.PathLike[str], *, is_trainable: bool = False
 ) -> nn.Module:
     """Rebuild the saved KaSA adapter on ``model``, an untouched copy of the base it was trained on.
 
@@ -148,7 +148,7 @@ def load_kasa_adapter(
 
 
 def _checked_load(
-    model: nn.Module, adapter_directory: str | os.PathLike, is_trainable: bool
+    model: nn.Module, adapter_directory: str | os.PathLike[str], is_trainable: bool
 ) -> tuple[KaSAConfig, dict[str, dict[str, torch.Tensor]], dict[str, nn.Module]]:
     """The adapter's config (its base mode resolved for ``model``), tensors and target modules, all checked."""
     if not isinstance(model, nn.Module):
@@ -201,7 +201,7 @@ def _target_module(
         check_supported(name, module)
     except (TypeError, ValueError) as e:
         raise type(e)(f"adapter {where}: {e}") from None
-    if is_partitioned(weight):
+    if is_partitioned(stored_weight(module)):
         raise ValueError(
             f"adapter {where}: the weight of {name} is partitioned by DeepSpeed ZeRO-3; load the adapter onto "
             "the model before deepspeed.initialize (or the Trainer) partitions it"

@@ -45,7 +45,9 @@ _WRITER = "kasa_trl"
 # --- checks ------------------------------------------------------------------------------------------------
 
 
-def check_no_overlap(output: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None]) -> Path:
+def check_no_overlap(
+    output: str | os.PathLike[str], inputs: Mapping[str, str | os.PathLike[str] | None]
+) -> Path:
     """Refuse an ``output`` that equals, contains or lies inside an input; returns it resolved.
 
     Args:
@@ -77,10 +79,10 @@ def check_no_overlap(output: str | os.PathLike, inputs: Mapping[str, str | os.Pa
 
 
 def check_output_dir(
-    out_dir: str | os.PathLike,
+    out_dir: str | os.PathLike[str],
     *,
     overwrite: bool = False,
-    inputs: Mapping[str, str | os.PathLike | None] | None = None,
+    inputs: Mapping[str, str | os.PathLike[str] | None] | None = None,
 ) -> Path:
     """Fail early, before any work, if ``out_dir`` cannot receive a fresh output; returns it resolved.
 
@@ -200,10 +202,10 @@ def _non_empty(path: Path) -> bool:
 
 @contextlib.contextmanager
 def atomic_output_dir(
-    out_dir: str | os.PathLike,
+    out_dir: str | os.PathLike[str],
     *,
     overwrite: bool = False,
-    inputs: Mapping[str, str | os.PathLike | None] | None = None,
+    inputs: Mapping[str, str | os.PathLike[str] | None] | None = None,
 ) -> Iterator[Path]:
     """Yield a fresh temporary directory; when the block succeeds it becomes ``out_dir``, with a manifest.
 
@@ -226,9 +228,9 @@ def atomic_output_dir(
 
 @contextlib.contextmanager
 def atomic_output_file(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
-    inputs: Mapping[str, str | os.PathLike | None] | None = None,
+    inputs: Mapping[str, str | os.PathLike[str] | None] | None = None,
     is_ours: Callable[[Path], bool],
     what: str = "file",
 ) -> Iterator[Path]:
@@ -328,7 +330,7 @@ def clean_stale(target: Path) -> list[str]:
     pattern = re.compile(
         rf"^\.{re.escape(target.name)}\.kasa-trl-(?P<host>[A-Za-z0-9_]{{1,64}})-(?P<pid>\d+)-[a-z0-9_]{{8}}\.(?P<kind>tmp|old)$"
     )
-    notes = []
+    notes: list[str] = []
     try:
         siblings = list(target.parent.iterdir())
     except OSError:

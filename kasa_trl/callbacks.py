@@ -22,7 +22,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -94,7 +94,7 @@ class SpectrumCallback(TrainerCallback):
         self,
         every_n_steps: int | None = None,
         *,
-        jsonl_path: str | os.PathLike | None = None,
+        jsonl_path: str | os.PathLike[str] | None = None,
         per_layer_scalars: bool = False,
         histograms: bool = True,
         plots: bool = True,
@@ -115,14 +115,18 @@ class SpectrumCallback(TrainerCallback):
         self._warned = False
 
     # -- events ----------------------------------------------------------------------------------------------
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._pending, self._last_step, self._history, self._warned = None, -1, [], False
         if state.is_world_process_zero and state.global_step == 0:
             path = self._jsonl_file(args)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("", encoding="utf-8")
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         if self.every_n_steps is None:
             due = control.should_log
         else:
@@ -131,14 +135,21 @@ class SpectrumCallback(TrainerCallback):
             control.should_log = True  # the trainer logs this step, and its log() takes the record
         return control
 
-    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         # logging_strategy="epoch" decides to log here, after the step ended.
         if self.every_n_steps is None and control.should_log and self._last_step != state.global_step:
             self._record(args, state, kwargs.get("model"))
 
     def on_log(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs
-    ):
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if self._pending is None:
             return
         # The trainer's log() did not call log_spectra: this record is in the JSONL file, and no logger gets it.
@@ -153,14 +164,16 @@ class SpectrumCallback(TrainerCallback):
                 stacklevel=2,
             )
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         # The trainer has logged for the last time (and TensorBoard has closed its writer): file and pictures only.
         if state.global_step > 0 and self._last_step != state.global_step:
             self._record(args, state, kwargs.get("model"))
         self._pending = None
         if self.plots and state.is_world_process_zero and self._history:
             try:
-                if not save_spectrum_plots(self._history, args.output_dir):
+                if not save_spectrum_plots(self._history, _output_dir(args)):
                     warnings.warn(
                         "matplotlib is not installed: SpectrumCallback skips its pictures", stacklevel=2
                     )
@@ -169,7 +182,7 @@ class SpectrumCallback(TrainerCallback):
 
     # -- internals -------------------------------------------------------------------------------------------
     def _jsonl_file(self, args: TrainingArguments) -> Path:
-        return Path(self.jsonl_path) if self.jsonl_path is not None else Path(args.output_dir) / JSONL_NAME
+        return Path(self.jsonl_path) if self.jsonl_path is not None else Path(_output_dir(args)) / JSONL_NAME
 
     def _record(self, args: TrainingArguments, state: TrainerState, model: nn.Module | None) -> bool:
         """Take a record of ``model``'s adapters (collective under ZeRO-3); False if there is nothing to record."""
@@ -218,6 +231,11 @@ def log_spectra(trainer: Trainer, logs: dict[str, float]) -> None:
     for callback in callbacks:
         if isinstance(callback, SpectrumCallback):
             callback._log_pending(logs, trainer.state, callbacks)
+
+
+def _output_dir(args: TrainingArguments) -> str:
+    """``args.output_dir``, typed ``str | None`` but set by ``TrainingArguments`` itself when not given."""
+    return cast(str, args.output_dir)
 
 
 def _write_histograms(hists: dict[str, np.ndarray], step: int, callbacks: Sequence[TrainerCallback]) -> None:

@@ -34,7 +34,7 @@ SCHEDULER_FILE = "scheduler.pt"
 DEEPSPEED_LATEST_FILE = "latest"  # DeepSpeed's save_checkpoint: names the tag directory it wrote last
 
 
-def is_complete_checkpoint(path: str | os.PathLike, *, require_optimizer: bool = True) -> bool:
+def is_complete_checkpoint(path: str | os.PathLike[str], *, require_optimizer: bool = True) -> bool:
     """Whether ``path`` is a checkpoint training can resume from exactly.
 
     Complete means: ``trainer_state.json`` parses (and, for a ``checkpoint-N`` directory, records step ``N``); the
@@ -50,13 +50,13 @@ def is_complete_checkpoint(path: str | os.PathLike, *, require_optimizer: bool =
     return incomplete_reason(path, require_optimizer=require_optimizer) is None
 
 
-def incomplete_reason(path: str | os.PathLike, *, require_optimizer: bool = True) -> str | None:
+def incomplete_reason(path: str | os.PathLike[str], *, require_optimizer: bool = True) -> str | None:
     """Why ``path`` is not a checkpoint training can resume from exactly (see ``is_complete_checkpoint``), or
     ``None`` when it is one."""
     return _why_incomplete(Path(path), require_optimizer)
 
 
-def missing_training_state(path: str | os.PathLike) -> list[str]:
+def missing_training_state(path: str | os.PathLike[str]) -> list[str]:
     """The parts of the optimizer, scheduler and RNG state ``path`` lacks (empty when it holds them all).
 
     Without them transformers' ``Trainer`` resumes silently with a fresh optimizer, a learning-rate schedule
@@ -74,7 +74,9 @@ def missing_training_state(path: str | os.PathLike) -> list[str]:
     return missing
 
 
-def last_complete_checkpoint(output_dir: str | os.PathLike, *, require_optimizer: bool = True) -> str | None:
+def last_complete_checkpoint(
+    output_dir: str | os.PathLike[str], *, require_optimizer: bool = True
+) -> str | None:
     """The newest ``checkpoint-N`` directory of ``output_dir`` that ``is_complete_checkpoint``, or ``None``.
 
     Use it instead of ``transformers.trainer_utils.get_last_checkpoint``, which returns the highest ``N`` even

@@ -31,8 +31,12 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 from .atomic_outputs import atomic_output_dir, check_output_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 PROG = "kasa-trl"
 EXIT_FAILURE, EXIT_USAGE = 1, 2
@@ -264,7 +268,7 @@ def _inspect(args: argparse.Namespace) -> None:
 # --- helpers ----------------------------------------------------------------------------------------------
 
 
-def _find_tokenizer(adapter: Path, base: str):
+def _find_tokenizer(adapter: Path, base: str) -> PreTrainedTokenizerBase | None:
     """The tokenizer saved with the adapter, else the base's; ``None`` if neither has one."""
     from transformers import AutoTokenizer
 
@@ -345,7 +349,14 @@ def _error(message: str) -> None:
     print(f"{PROG}: error: {message}", file=sys.stderr)
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
     # One line per warning (what a killed earlier run left and what was done with it, an unchecked base...).
     print(f"{PROG}: warning: {message}", file=sys.stderr)
 

@@ -137,13 +137,13 @@ class KaSAConfig:
             raise ValueError(f"unknown KaSAConfig key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**data)
 
-    def to_json(self, path: str | os.PathLike) -> None:
+    def to_json(self, path: str | os.PathLike[str]) -> None:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
             f.write("\n")
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> KaSAConfig:
+    def from_json(cls, path: str | os.PathLike[str]) -> KaSAConfig:
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)

@@ -40,7 +40,7 @@ import contextlib
 import math
 import warnings
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -92,7 +92,7 @@ def minor_components(weight: torch.Tensor, n: int, method: str = "auto") -> tupl
 
 def minor_components_many(
     weights: Sequence[torch.Tensor], ns: Sequence[int], method: str = "auto", *, workers: int | None = None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
     """``minor_components(weight, n, method)`` of each pair, in order, decomposing up to ``workers`` at once.
 
     On CPU (the LAPACK backend) the weights are spread over ``workers`` threads, each with ``1 / workers`` of the
@@ -129,7 +129,7 @@ def minor_components_many(
     with _symeig.cpu_threads("lapack", blas_threads=max(1, budget // workers)):
         pool = ThreadPoolExecutor(workers, thread_name_prefix="kasa-decompose")
         try:
-            pending: deque[Future] = deque()
+            pending: deque[Future[tuple[torch.Tensor, torch.Tensor]]] = deque()
             for weight, n in zip(weights, ns, strict=True):
                 pending.append(pool.submit(_worker_minor_components, weight, n, method))
                 if len(pending) > workers:  # at most `workers` in flight: each holds float64 copies

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -79,9 +80,11 @@ def truncate_partition(param: torch.Tensor, removed: torch.Tensor) -> None:
     shard = writable_partition(param)
     if shard is None:
         raise ValueError("parameter has no writable ZeRO-3 partition; gather it instead")
+    # ds_numel and ds_process_group: attributes DeepSpeed sets on the parameters it partitions and their shards
+    zero_param, zero_shard = cast(Any, param), cast(Any, shard)
     # DeepSpeed partitions the flattened parameter in rank order, the last partition padded.
-    start = shard.ds_numel * dist.get_rank(group=param.ds_process_group)
-    count = max(0, min(shard.ds_numel, param.ds_numel - start))
+    start = zero_shard.ds_numel * dist.get_rank(group=zero_param.ds_process_group)
+    count = max(0, min(zero_shard.ds_numel, zero_param.ds_numel - start))
     if count == 0:
         return
     part = shard.narrow(0, 0, count)
@@ -89,7 +92,13 @@ def truncate_partition(param: torch.Tensor, removed: torch.Tensor) -> None:
     part.copy_(subtract_removed(part, piece))
 
 
-def broadcast_adapters(layers: Sequence[nn.Module]) -> None:
+class AdapterLayer(Protocol):
+    """A layer with trainable adapter parameters (``layer.KaSALinear``)."""
+
+    def adapter_params(self) -> dict[str, nn.Parameter]: ...
+
+
+def broadcast_adapters(layers: Sequence[AdapterLayer]) -> None:
     """Make every rank start from rank 0's adapter initialization (a collective; no-op on one process)."""
     _, world = rank_and_world()
     if world == 1:

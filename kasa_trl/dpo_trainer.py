@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import trl
@@ -73,11 +73,16 @@ def _no_reference_model_loading() -> Iterator[None]:
             "trl.trainer.dpo_trainer.create_model_from_path; KaSADPOTrainer supports trl 1.16"
         )
     original = _trl_dpo.create_model_from_path
-    _trl_dpo.create_model_from_path = lambda *args, **kwargs: None
+    _trl_dpo.create_model_from_path = _load_no_model
     try:
         yield
     finally:
         _trl_dpo.create_model_from_path = original
+
+
+def _load_no_model(*args: Any, **kwargs: Any) -> Any:
+    """Stands in for TRL's ``create_model_from_path`` in ``_no_reference_model_loading``: no reference model."""
+    return None
 
 
 def _check_preference_columns(dataset: Any, name: str) -> None:
@@ -125,7 +130,7 @@ class KaSADPOTrainer(KaSATrainerMixin, DPOTrainer):
         train_dataset: Dataset | IterableDataset | None = None,
         eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
         processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
-        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict[str, Any]] | None = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple[torch.optim.Optimizer | None, LambdaLR | None] = (None, None),
         quantization_config: Any = None,
@@ -201,7 +206,7 @@ class KaSADPOTrainer(KaSATrainerMixin, DPOTrainer):
             args.model_init_kwargs = model_init_kwargs
         self._kasa_setup(config)
         if self._kasa_reference_is_policy:
-            self.ref_model = _AdaptersOffPolicy(self)
+            self.ref_model = _AdaptersOffPolicy(self)  # type: ignore[assignment]  # TRL only calls it (see the class)
 
     def compute_ref_log_probs(self, model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """As ``DPOTrainer``'s (used to precompute reference log-probs), with the KaSA adapters off when the
@@ -229,7 +234,9 @@ def _load_policy(
     model_id: str, args: DPOConfig, quantization_config: Any
 ) -> tuple[PreTrainedModel, str | None]:
     """Load ``model_id`` as ``DPOTrainer.__init__`` (TRL 1.16) does; also return the revision it was loaded at."""
-    kwargs = dict(args.model_init_kwargs or {})
+    # Typed "| str": TrainingArguments.__post_init__ parses a JSON object string into a dict (TRL's loading, too,
+    # takes dict() of it).
+    kwargs = dict(cast("dict[str, Any] | None", args.model_init_kwargs) or {})
     if quantization_config is not None:
         if "quantization_config" in kwargs:
             raise ValueError(

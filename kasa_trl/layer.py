@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,7 @@ def check_removed_factors(
             raise TypeError(
                 f"{where}: {key} has dtype {factor.dtype}; the removed factors must be floating point"
             )
+    left, right = cast(torch.Tensor, left), cast(torch.Tensor, right)  # checked just above
     n = left.shape[1]
     if left.shape[0] != out_features or right.shape != (n, in_features) or n > min(out_features, in_features):
         raise ValueError(
@@ -110,6 +112,10 @@ class KaSALinear(nn.Module):
         adapter_dtype (torch.dtype | None): dtype of A, B, sigma; default fp32 (fp64 for fp64 bases).
         base_fingerprint (torch.Tensor | None): the original weight's fingerprint, if already known.
     """
+
+    # Buffers (register_buffer in __init__), which a type checker cannot see as attributes.
+    removed_left: torch.Tensor
+    removed_right: torch.Tensor
 
     def __init__(
         self,

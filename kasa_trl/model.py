@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from .layer import KaSALinear, check_removed_factors
 from .shared_weights import config_for_targets
 from .target_decomposition import Decomposer, decompose_targets, sharded_decompose
 from .targets import find_targets, removed_rank
-from .weights import base_weight, weight_shape
+from .weights import base_weight, stored_weight, weight_shape
 
 SAVE_PRETRAINED_REFUSAL = (
     "save_pretrained() is refused on a model carrying KaSA layers: it would write a checkpoint that "
@@ -76,13 +77,14 @@ def apply_kasa(model: nn.Module, config: KaSAConfig, *, decomposer: Decomposer |
     config = config_for_targets(model, targets, config)
     n_removed = {name: removed_rank(module, config, name) for name, module in targets.items()}
     if decomposer is None:
-        zero3 = any(is_partitioned(module.weight) for module in targets.values())
+        zero3 = any(is_partitioned(stored_weight(module)) for module in targets.values())
         decomposer = sharded_decompose if zero3 or rank_and_world()[1] > 1 else decompose_targets
     factors = decomposer(targets, n_removed, config)
     for name, module in targets.items():
         if name not in factors:
             raise ValueError(f"the decomposer returned no removed factors for {name}")
-        check_removed_factors(*factors[name][:2], *weight_shape(module), where=name)
+        left, right = factors[name][:2]
+        check_removed_factors(left, right, *weight_shape(module), where=name)
     if config.base_mode == "in_place":
         _warn_low_precision_in_place(targets, factors)
     # Nothing was modified so far. Building a layer truncates its weight in in_place mode: a failure there (out
@@ -105,10 +107,10 @@ def install_kasa_layers(model: nn.Module, layers: dict[str, KaSALinear], config:
         for parent, key in slots[id(layer.base_layer)]:
             setattr(parent, key, layer)
     freeze_all_but_adapters(model)
-    model.kasa_config = config
+    model.kasa_config = config  # type: ignore[assignment]  # torch types nn.Module attributes Tensor | Module
     for module in model.modules():
         if _has_save_pretrained(module) and any(isinstance(m, KaSALinear) for m in module.modules()):
-            module.save_pretrained = _SavePretrainedRefusal()
+            module.save_pretrained = _SavePretrainedRefusal()  # type: ignore[assignment]  # as for kasa_config
 
 
 def freeze_all_but_adapters(model: nn.Module) -> None:
@@ -138,7 +140,7 @@ def kasa_adapters_disabled(model: nn.Module) -> Iterator[None]:
 
 
 def _build_layers(
-    targets: dict[str, nn.Module], factors: dict[str, tuple[torch.Tensor, ...]], config: KaSAConfig
+    targets: dict[str, nn.Module], factors: Mapping[str, tuple[torch.Tensor, ...]], config: KaSAConfig
 ) -> dict[str, KaSALinear]:
     """A ``KaSALinear`` per target (truncating the weight in in_place mode); on failure the truncations done so
     far are undone (within one rounding of the base dtype) before the error propagates."""
@@ -148,7 +150,7 @@ def _build_layers(
         for name, module in targets.items():
             left, right, *known = factors[name]  # the sharded decomposer also returns the fingerprint
             fingerprint = known[0] if known else None
-            layer_args = dict(
+            layer_args: dict[str, Any] = dict(
                 r=config.r,
                 lora_alpha=config.lora_alpha,
                 lora_dropout=config.lora_dropout,
@@ -156,7 +158,7 @@ def _build_layers(
                 base_mode=config.base_mode,
                 base_fingerprint=fingerprint,
             )
-            weight = module.weight
+            weight = stored_weight(module)
             if is_partitioned(weight) and (
                 fingerprint is None or (in_place and writable_partition(weight) is None)
             ):
@@ -176,18 +178,18 @@ def _build_layers(
 
 
 def _warn_low_precision_in_place(
-    targets: dict[str, nn.Module], factors: dict[str, tuple[torch.Tensor, ...]]
+    targets: dict[str, nn.Module], factors: Mapping[str, tuple[torch.Tensor, ...]]
 ) -> None:
     """Warn when an explicit in_place truncation is stored in a 16-bit dtype, with the measured error."""
     errors = {}
     for name, module in targets.items():
-        if module.weight.dtype in LOW_PRECISION_DTYPES:
-            with gathered([module.weight]):
+        if stored_weight(module).dtype in LOW_PRECISION_DTYPES:
+            with gathered([stored_weight(module)]):
                 errors[name] = truncation_rounding_error(base_weight(module), *factors[name][:2])
     if not errors:
         return
-    worst = max(errors, key=errors.get)
-    dtype = targets[worst].weight.dtype
+    worst = max(errors, key=errors.__getitem__)
+    dtype = stored_weight(targets[worst]).dtype
     warnings.warn(
         f"base_mode='in_place' stores W_trunc = W - R in the base dtype ({dtype}), whose rounding swamps the "
         f"truncation: ||W_trunc_stored - (W - R)||_F / ||R||_F is {errors[worst]:.2g} at {worst} (worst of "

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .config import KaSAConfig
@@ -211,10 +211,10 @@ def _as_dict(config: Any, where: str) -> dict[str, Any]:
     raise TypeError(f"{where} must be a peft.LoraConfig or its dict, got {type(config).__name__}")
 
 
-def _targets(fields: dict[str, Any], refuse) -> dict[str, Any]:
+def _targets(fields: dict[str, Any], refuse: Callable[[str, str], None]) -> dict[str, Any]:
     """``target_modules`` and ``exclude_modules`` for ``KaSAConfig``, with PEFT's layer selection folded in."""
     targets = fields.get("target_modules")
-    layers = fields.get("layers_to_transform")
+    layers: Any = fields.get("layers_to_transform")  # checked below
     patterns = fields.get("layers_pattern")
     result: dict[str, Any] = {}
     exclude = fields.get("exclude_modules")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -39,13 +40,15 @@ class _AttachPenalty(torch.autograd.Function):
     (zero when ``session`` is None: the layer was already charged in this micro-batch)."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, penalty: torch.Tensor, session: PenaltySession | None) -> torch.Tensor:
+    def forward(
+        ctx: Any, h: torch.Tensor, penalty: torch.Tensor, session: PenaltySession | None
+    ) -> torch.Tensor:
         ctx.session = session
         ctx.penalty_meta = (penalty.dtype, penalty.device)
         return h.view_as(h)
 
     @staticmethod
-    def backward(ctx, grad_h: torch.Tensor):
+    def backward(ctx: Any, grad_h: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         dtype, device = ctx.penalty_meta
         value = ctx.session.gradient_coefficient() if ctx.session is not None else 0.0
         coefficient = torch.tensor(value, dtype=dtype, device=device)
@@ -114,7 +117,8 @@ class PenaltySession:
         values = self.values()
         if not values:
             return None
-        return sum(self.weights[name] * value for name, value in values.items())
+        total = sum(self.weights[name] * value for name, value in values.items())
+        return cast(torch.Tensor, total)  # not the int 0 of an empty sum: values is not empty
 
     def _non_finite_message(self) -> str:
         bad = [

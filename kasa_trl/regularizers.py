@@ -17,6 +17,7 @@ import inspect
 import math
 import numbers
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -155,7 +156,7 @@ def evaluate_regularizer(
     return value.reshape(())
 
 
-def _check_signature(name: str, fn: Callable) -> None:
+def _check_signature(name: str, fn: Callable[..., Any]) -> None:
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # some builtins and C callables have none: checked when called
@@ -169,7 +170,7 @@ def _check_signature(name: str, fn: Callable) -> None:
         ) from None
 
 
-def _qualname(fn: Callable) -> str:
+def _qualname(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 

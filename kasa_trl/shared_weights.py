@@ -11,6 +11,7 @@ shared weight, so each adapted module computes with ``W - R`` plus its own updat
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from torch import nn
 from .config import KaSAConfig, resolve_base_mode
 from .distributed import is_partitioned
 from .layer import KaSALinear, check_layer_arguments
+from .weights import stored_weight
 
 
 def config_for_targets(model: nn.Module, targets: dict[str, nn.Module], config: KaSAConfig) -> KaSAConfig:
@@ -33,14 +35,15 @@ def config_for_targets(model: nn.Module, targets: dict[str, nn.Module], config: 
         use_rslora=config.use_rslora,
         base_mode=base_mode,
     )
-    return config if base_mode == config.base_mode else dataclasses.replace(config, base_mode=base_mode)
+    resolved = cast(Literal["in_place", "non_destructive"], base_mode)  # checked just above
+    return config if resolved == config.base_mode else dataclasses.replace(config, base_mode=resolved)
 
 
 def resolve_model_base_mode(model: nn.Module, targets: dict[str, nn.Module], base_mode: str) -> str:
     """The concrete mode ``base_mode`` stands for on ``targets``: ``"auto"`` is ``"in_place"`` when every target
     weight is fp32/fp64 and none is shared with another module, else ``"non_destructive"`` (a bf16/fp16 copy of
     ``W - R`` is rounded by about as much as ``R``; a shared weight would be truncated for all its users)."""
-    mode = resolve_base_mode(base_mode, [module.weight.dtype for module in targets.values()])
+    mode = resolve_base_mode(base_mode, [stored_weight(module).dtype for module in targets.values()])
     if base_mode == "auto" and shared_weight_users(model, targets):
         return "non_destructive"
     return mode
@@ -50,7 +53,7 @@ def shared_weight_users(model: nn.Module, targets: dict[str, nn.Module]) -> dict
     """For each target whose weight memory another module of ``model`` also holds (the same ``Parameter``, a
     tied weight, or an overlapping view), the qualified names of those other tensors; targets with a weight of
     their own are absent."""
-    by_memory: dict[tuple, list[tuple[str, int, int, nn.Module]]] = {}
+    by_memory: dict[tuple[Any, ...], list[tuple[str, int, int, nn.Module]]] = {}
     wrapped = {id(m.base_layer) for m in model.modules() if isinstance(m, KaSALinear)}
     for module_name, module in model.named_modules():
         if id(module) in wrapped:  # named as the KaSA layer the user knows, not "<name>.base_layer"
@@ -62,7 +65,7 @@ def shared_weight_users(model: nn.Module, targets: dict[str, nn.Module]) -> dict
             by_memory.setdefault(key, []).append((prefix + tensor_name, start, end, module))
     shared = {}
     for name, module in targets.items():
-        key, start, end = _memory_span(module.weight)
+        key, start, end = _memory_span(stored_weight(module))
         users = [
             user
             for user, user_start, user_end, owner in by_memory.get(key, [])
@@ -95,12 +98,12 @@ def check_shared_weights(model: nn.Module, targets: dict[str, nn.Module], base_m
     )
 
 
-def _memory_span(tensor: torch.Tensor) -> tuple[tuple, int, int]:
+def _memory_span(tensor: torch.Tensor) -> tuple[tuple[Any, ...], int, int]:
     """``(memory key, first byte, end byte)`` of what ``tensor`` covers: tensors overlap when their keys are
     equal and their byte ranges intersect. A ZeRO-3 parameter is keyed by itself (its data is a placeholder)."""
     if is_partitioned(tensor) or tensor.numel() == 0 or tensor.device.type == "meta":
         return ("tensor", id(tensor)), 0, 1
     size = tensor.element_size()
-    start = tensor.storage_offset() * size
+    start = int(tensor.storage_offset()) * size  # an int outside symbolic tracing
     extent = 1 + sum((n - 1) * stride for n, stride in zip(tensor.shape, tensor.stride(), strict=True))
     return (str(tensor.device), tensor.untyped_storage().data_ptr()), start, start + extent * size

@@ -97,7 +97,7 @@ def final_matrix(layers: StepRecord) -> tuple[list[str], np.ndarray]:
     return names, matrix
 
 
-def save_spectrum_plots(history: Sequence[tuple[int, StepRecord]], out_dir: str | os.PathLike) -> bool:
+def save_spectrum_plots(history: Sequence[tuple[int, StepRecord]], out_dir: str | os.PathLike[str]) -> bool:
     """Draw both pictures into ``out_dir`` from ``history`` (``(step, layers)`` per record, oldest first);
     False, with nothing written, when matplotlib is not installed."""
     try:

@@ -10,6 +10,8 @@ backward; the layer decides when they apply (one dtype, no active dropout, no au
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -52,13 +54,13 @@ class _StackedDown(torch.autograd.Function):
     from forward to backward would cost more memory than the copy costs time."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, right: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, right: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, right, lora_A)
         return x @ torch.cat([right, lora_A]).T
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_z: torch.Tensor):
+    def backward(ctx: Any, grad_z: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, right, lora_A = ctx.saved_tensors
         grad_x = grad_z @ torch.cat([right, lora_A]) if ctx.needs_input_grad[0] else None
         grad_a = grad_z[:, right.shape[0] :].T @ x if ctx.needs_input_grad[2] else None
@@ -71,7 +73,12 @@ class _StackedUp(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, out: torch.Tensor, z: torch.Tensor, left: torch.Tensor, lora_B: torch.Tensor, scale: torch.Tensor
+        ctx: Any,
+        out: torch.Tensor,
+        z: torch.Tensor,
+        left: torch.Tensor,
+        lora_B: torch.Tensor,
+        scale: torch.Tensor,
     ) -> torch.Tensor:
         coef = torch.cat([scale.new_full((left.shape[1],), -1.0), scale])  # (n + r,)
         ctx.save_for_backward(z, left, lora_B, coef)
@@ -79,7 +86,7 @@ class _StackedUp(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         z, left, lora_B, coef = ctx.saved_tensors
         n = left.shape[1]
         grad_z = grad_scale = grad_b = None

@@ -19,8 +19,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable, Iterable
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -32,10 +32,12 @@ from .config import KaSAConfig
 from .decomposition import minor_components, minor_components_many
 from .distributed import gathered, is_partitioned, rank_and_world
 from .fingerprint import N_PROBES, weight_fingerprint
-from .weights import base_weight, weight_shape
+from .weights import base_weight, stored_weight, weight_shape
 
 # The removed factors ``(left, right)`` of every target, optionally followed by the original weight's fingerprint.
-Decomposer = Callable[[dict[str, nn.Module], dict[str, int], KaSAConfig], dict[str, tuple[torch.Tensor, ...]]]
+Decomposer = Callable[
+    [dict[str, nn.Module], dict[str, int], KaSAConfig], Mapping[str, tuple[torch.Tensor, ...]]
+]
 
 _Item = TypeVar("_Item")
 
@@ -82,7 +84,7 @@ def _sharded_decompose(
     mine: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     groups = [names[i : i + world] for i in range(0, len(names), world)]
     for group in _progress(groups, f"KaSA: decomposing ({world} ranks)"):
-        with gathered([targets[name].weight for name in group]):
+        with gathered([stored_weight(targets[name]) for name in group]):
             for name in group:  # every rank checks every weight: all raise together, none hangs
                 _check_finite_weight(name, base_weight(targets[name]))
             for name in group:
@@ -96,8 +98,9 @@ def _sharded_decompose(
     for name in names:
         module = targets[name]
         out_features, in_features = weight_shape(module)
-        weight = module.weight
-        device = weight.ds_tensor.device if is_partitioned(weight) else weight.device
+        weight = stored_weight(module)
+        # ds_tensor: this rank's partition, which DeepSpeed sets on the parameters it partitions
+        device = cast(Any, weight).ds_tensor.device if is_partitioned(weight) else weight.device
         dtype = torch.promote_types(weight.dtype, torch.float32)
         if owner[name] == rank:
             left, right, fingerprint = (t.to(device).contiguous() for t in mine[name])

@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import datasets
 import torch
@@ -78,7 +78,7 @@ def split_words(text: str) -> list[str]:
     return [word for word, _ in _pre_tokenizer().pre_tokenize_str(_normalizer().normalize_str(text))]
 
 
-def _iter_texts(row: dict) -> Iterator[str]:
+def _iter_texts(row: dict[str, Any]) -> Iterator[str]:
     for value in row.values():
         if isinstance(value, str):
             yield value
@@ -143,7 +143,7 @@ def _seeded_init(model_cls: type[_Model], config: PretrainedConfig, seed: int) -
 
 
 def build_tiny_llama(
-    vocab_size: int, hidden_size: int = 64, num_layers: int = 2, seed: int = 0, **config_overrides: object
+    vocab_size: int, hidden_size: int = 64, num_layers: int = 2, seed: int = 0, **config_overrides: Any
 ) -> LlamaForCausalLM:
     """Build a randomly initialised, deterministic tiny ``LlamaForCausalLM`` (float32).
 
@@ -175,7 +175,7 @@ def build_tiny_llama(
 
 
 def build_tiny_gpt2(
-    vocab_size: int, hidden_size: int = 64, num_layers: int = 2, seed: int = 0, **config_overrides: object
+    vocab_size: int, hidden_size: int = 64, num_layers: int = 2, seed: int = 0, **config_overrides: Any
 ) -> GPT2LMHeadModel:
     """Build a randomly initialised, deterministic tiny ``GPT2LMHeadModel`` (float32).
 
@@ -208,7 +208,7 @@ def build_tiny_gpt2(
     return _seeded_init(GPT2LMHeadModel, config, seed)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 

@@ -63,13 +63,13 @@ def extensions_root() -> Path:
     return Path(get_default_build_root()) / f"{python}_{accelerator}"
 
 
-def is_built(op: str = CPU_COMM_OP, root: str | os.PathLike | None = None) -> bool:
+def is_built(op: str = CPU_COMM_OP, root: str | os.PathLike[str] | None = None) -> bool:
     """Whether ``op`` has a compiled library under ``root`` (default :func:`extensions_root`)."""
     folder = Path(root if root is not None else extensions_root()) / op
     return any(folder.glob("*.so"))
 
 
-def build_locks(root: str | os.PathLike | None = None) -> list[BuildLock]:
+def build_locks(root: str | os.PathLike[str] | None = None) -> list[BuildLock]:
     """The build locks under ``root`` (default :func:`extensions_root`), one per op being built or killed while
     building; stale ones are confirmed by a second look :data:`RECHECK_S` later."""
     root = Path(root if root is not None else extensions_root())
@@ -80,7 +80,7 @@ def build_locks(root: str | os.PathLike | None = None) -> list[BuildLock]:
     return locks
 
 
-def check_build_locks(root: str | os.PathLike | None = None) -> list[BuildLock]:
+def check_build_locks(root: str | os.PathLike[str] | None = None) -> list[BuildLock]:
     """Raise ``RuntimeError`` naming every stale lock under ``root`` and the command that removes it; return the
     live ones (a build in progress: the caller will wait for it, which is fine). Changes nothing on disk."""
     locks = build_locks(root)

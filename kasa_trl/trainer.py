@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -37,6 +38,12 @@ from .training_guards import (
     check_trainable,
 )
 
+if TYPE_CHECKING:
+    # What the mixin is mixed into, for the type checker: TRL's trainers are transformers Trainers.
+    from transformers import Trainer as _MixedInto
+else:
+    _MixedInto = object
+
 TRAINING_ARGS_NAME = "training_args.bin"
 
 
@@ -57,11 +64,13 @@ def kasa_config_from_peft(peft_config: Any) -> KaSAConfig:
     return kasa_config_from_lora(peft_config, where="peft_config", new_adapter=True)
 
 
-class KaSATrainerMixin:
+class KaSATrainerMixin(_MixedInto):
     """What the KaSA trainers add to a TRL trainer. Put it before the TRL class in the bases."""
 
     kasa_config: KaSAConfig
     _kasa_session: PenaltySession
+    model: nn.Module  # the Trainer's (PreTrainedModel | Module | None): never None once its constructor ran
+    _metrics: dict[str, defaultdict[str, list[float]]]  # TRL's, averaged in its log()
 
     def _kasa_resolve_config(self, kasa_config: KaSAConfig | None, peft_config: Any) -> KaSAConfig | None:
         if kasa_config is not None and peft_config is not None:
@@ -112,7 +121,7 @@ class KaSATrainerMixin:
         self.kasa_config = self._kasa_adapt(model, kasa_config)
         if self.args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
             # The base is frozen: reentrant checkpointing needs inputs that require grad to reach the adapters.
-            model.enable_input_require_grads()
+            model.enable_input_require_grads()  # type: ignore[operator]  # torch types Module attributes Tensor | Module
         self._kasa_session = attach_penalties(
             model, self.kasa_config.regularizers, self.kasa_config.regularizer_reduction
         )
@@ -143,7 +152,7 @@ class KaSATrainerMixin:
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
         loss, outputs = result if return_outputs else (result, None)
-        loss = session.finish(loss)
+        loss = session.finish(cast(torch.Tensor, loss))
         mode = "train" if self.model.training else "eval"
         values = session.values()
         for name, value in values.items():
@@ -193,7 +202,8 @@ class KaSATrainerMixin:
         check_trainable(self.model, self.optimizer)
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(
-                self.args.output_dir, require_optimizer=not self.args.save_only_model
+                cast(str, self.args.output_dir),  # TrainingArguments sets it when not given
+                require_optimizer=not self.args.save_only_model,
             )
             if resume_from_checkpoint is None:
                 raise ValueError(
@@ -214,7 +224,8 @@ class KaSATrainerMixin:
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write the KaSA adapter (not the full model) plus the tokenizer and training arguments."""
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        # args.output_dir: TrainingArguments sets it when not given
+        output_dir = output_dir if output_dir is not None else cast(str, self.args.output_dir)
         tensors = self.kasa_adapter_tensors()
         # Every rank holds the same gathered tensors, so under ZeRO-3 all ranks raise together.
         bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -241,7 +252,8 @@ class KaSATrainerMixin:
     def _load_best_model(self) -> None:
         if self.is_deepspeed_enabled:
             return super()._load_best_model()
-        self._kasa_load_adapter_weights(self.state.best_model_checkpoint)
+        # the Trainer calls this only when there is a best checkpoint
+        self._kasa_load_adapter_weights(cast(str, self.state.best_model_checkpoint))
 
     def _kasa_load_adapter_weights(self, directory: str) -> None:
         """Copy a saved adapter's trained factors into this model's KaSA layers (same layers, same base)."""

@@ -8,6 +8,8 @@ out like it.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -25,15 +27,22 @@ def stores_transposed(module: nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
+def stored_weight(module: nn.Module) -> torch.Tensor:
+    """``module``'s weight parameter itself, in the layout the module stores it (``nn.Module`` types its
+    attributes ``Tensor | Module``)."""
+    return cast(torch.Tensor, module.weight)
+
+
 def base_weight(module: nn.Module) -> torch.Tensor:
     """``module``'s weight as ``(out, in)``: a view of the parameter's data (empty while ZeRO-3 partitions it)."""
-    return to_storage_layout(module, module.weight.data)
+    return to_storage_layout(module, stored_weight(module).data)
 
 
 def weight_shape(module: nn.Module) -> tuple[int, int]:
     """``(out, in)`` of ``module``'s weight, also while ZeRO-3 partitions it."""
-    weight = module.weight
-    rows, cols = tuple(weight.ds_shape) if is_partitioned(weight) else tuple(weight.shape)
+    weight = stored_weight(module)
+    # ds_shape: the whole weight's shape, set by DeepSpeed on the parameters it partitions
+    rows, cols = tuple(cast(Any, weight).ds_shape) if is_partitioned(weight) else tuple(weight.shape)
     return (cols, rows) if stores_transposed(module) else (rows, cols)
 
 
@@ -46,7 +55,7 @@ def to_storage_layout(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def write_base_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Copy ``weight`` (out, in) into ``module``'s weight, in its dtype and layout."""
-    module.weight.data.copy_(to_storage_layout(module, weight))
+    stored_weight(module).data.copy_(to_storage_layout(module, weight))
 
 
 def check_base_weight(weight: torch.Tensor, where: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 SYSTEM_PROMPT = "You are a helpful assistant. Answer in one short sentence."
@@ -58,7 +59,7 @@ def sft_pairs(rng: random.Random) -> list[tuple[str, str]]:
     return pairs
 
 
-def sft_rows(rng: random.Random) -> list[dict]:
+def sft_rows(rng: random.Random) -> list[dict[str, Any]]:
     """Conversational rows; every 10th has a system prompt, every 25th is two turns long."""
     pairs = sft_pairs(rng)
     rng.shuffle(pairs)
@@ -74,7 +75,7 @@ def sft_rows(rng: random.Random) -> list[dict]:
     return rows
 
 
-def dpo_rows(rng: random.Random) -> list[dict]:
+def dpo_rows(rng: random.Random) -> list[dict[str, Any]]:
     """Preference rows: ``chosen`` states the fact, ``rejected`` the same sentence with a wrong fact."""
     rows = []
     for a, b in rng.sample([(a, b) for a in range(10) for b in range(10)], 40):
@@ -95,20 +96,20 @@ def dpo_rows(rng: random.Random) -> list[dict]:
     for table, prompt, answer in tables:
         values = sorted(set(table.values()))
         for key, value in table.items():
-            wrong = rng.choice([v for v in values if v != value])
+            wrong_value = rng.choice([v for v in values if v != value])
             fill = {"k": key, "K": key.capitalize()}
             rows.append(
                 {
                     "prompt": prompt.format(**fill),
                     "chosen": answer.format(v=value, **fill),
-                    "rejected": answer.format(v=wrong, **fill),
+                    "rejected": answer.format(v=wrong_value, **fill),
                 }
             )
     rng.shuffle(rows)
     return rows
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=True) + "\n")

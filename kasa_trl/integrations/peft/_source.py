@@ -47,7 +47,7 @@ class KaSASource:
 
 
 def read_kasa_source(
-    source: str | os.PathLike | nn.Module, base_model_name_or_path: str | None = None
+    source: str | os.PathLike[str] | nn.Module, base_model_name_or_path: str | None = None
 ) -> KaSASource:
     """Read a kasa_trl adapter directory, or the adapter carried by a live model (``apply_kasa``/``load_kasa_adapter``).
 
@@ -88,7 +88,7 @@ def _from_model(model: nn.Module, base_model_name_or_path: str | None) -> KaSASo
 
 
 def resolve_base(
-    adapter_directory: str | os.PathLike, given: str | None, *, force: bool = False
+    adapter_directory: str | os.PathLike[str], given: str | None, *, force: bool = False
 ) -> str | None:
     """The base model to use with a saved adapter: ``given``, else the one the adapter records (``None`` if
     neither names one).
@@ -119,13 +119,13 @@ def _same_model(a: str, b: str) -> bool:
 
 
 def open_export(
-    source: str | os.PathLike | nn.Module,
-    out_dir: str | os.PathLike,
+    source: str | os.PathLike[str] | nn.Module,
+    out_dir: str | os.PathLike[str],
     base_model_name_or_path: str | None,
     *,
     overwrite: bool,
     force_base: bool,
-) -> tuple[KaSASource, dict[str, str | os.PathLike | None]]:
+) -> tuple[KaSASource, dict[str, str | os.PathLike[str] | None]]:
     """What every export does before writing: the base (given, else recorded; a given one that differs from the
     recorded one refused unless ``force_base``), the inputs no output may overlap, ``out_dir`` checked before any
     work, then the adapter read (and checked against the base where it is available locally).
@@ -142,8 +142,8 @@ def open_export(
 
 
 def source_inputs(
-    source: str | os.PathLike | nn.Module, base_model_name_or_path: str | None
-) -> dict[str, str | os.PathLike | None]:
+    source: str | os.PathLike[str] | nn.Module, base_model_name_or_path: str | None
+) -> dict[str, str | os.PathLike[str] | None]:
     """What an export reads, by role, for ``kasa_trl.atomic_outputs.check_no_overlap``: the adapter directory and a local base."""
     base = base_model_name_or_path
     if base is None and isinstance(source, nn.Module):

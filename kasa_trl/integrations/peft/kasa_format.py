@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ from ._source import open_export
 
 def import_peft_kasa(
     model: nn.Module,
-    peft_adapter: str | os.PathLike | nn.Module,
+    peft_adapter: str | os.PathLike[str] | nn.Module,
     *,
     adapter_name: str | None = None,
     base_mode: str = "auto",
@@ -89,8 +89,8 @@ def import_peft_kasa(
 
 
 def export_peft_kasa(
-    model_or_adapter_dir: str | os.PathLike | nn.Module,
-    out_dir: str | os.PathLike,
+    model_or_adapter_dir: str | os.PathLike[str] | nn.Module,
+    out_dir: str | os.PathLike[str],
     *,
     base_model_name_or_path: str | None = None,
     task_type: str | None = "CAUSAL_LM",
@@ -151,7 +151,7 @@ def export_peft_kasa(
 
 
 def _read_peft_kasa(
-    source: str | os.PathLike | nn.Module, adapter_name: str | None
+    source: str | os.PathLike[str] | nn.Module, adapter_name: str | None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
     """The adapter config (a dict), the state dict (PEFT's saved keys) of a PEFT KaSA adapter, and its name."""
     if isinstance(source, nn.Module):
@@ -209,7 +209,7 @@ def _from_peft_model(
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, dict):
         raise TypeError(f"expected a PEFT adapter directory or a PeftModel, got {type(model).__name__}")
-    name = adapter_name or model.active_adapter
+    name = adapter_name or cast(str, model.active_adapter)  # a PeftModel property
     if name not in configs:
         raise ValueError(f"PeftModel has no adapter {name!r}; it has {sorted(configs)}")
     config = configs[name].to_dict()

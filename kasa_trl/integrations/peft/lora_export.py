@@ -28,8 +28,8 @@ at most the server's ``--max-lora-rank``."""
 
 
 def export_lora(
-    adapter_dir_or_model: str | os.PathLike | nn.Module,
-    out_dir: str | os.PathLike,
+    adapter_dir_or_model: str | os.PathLike[str] | nn.Module,
+    out_dir: str | os.PathLike[str],
     *,
     base_model_name_or_path: str | None = None,
     pad_to_rank: int | Literal["vllm"] | None = None,
@@ -94,7 +94,7 @@ def export_lora(
         target_modules=sorted({name.rsplit(".", 1)[-1] for name in source.layers}),
         base_model_name_or_path=source.base_model_name_or_path,
         task_type=task_type,
-        fan_in_fan_out=bool(source.conv1d) and any(source.conv1d.values()),
+        fan_in_fan_out=source.conv1d is not None and any(source.conv1d.values()),
     )
     provenance = {
         "export": "lora",
