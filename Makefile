@@ -43,9 +43,11 @@ demo: venv
 test: venv
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 
+# ruff, then mypy with pyproject.toml's [tool.mypy] settings (kasa_trl/, strict).
 lint: venv
 	$(VENV_PY) -m ruff check .
 	$(VENV_PY) -m ruff format --check .
+	$(VENV_PY) -m mypy
 
 format: venv
 	$(VENV_PY) -m ruff check --fix .
@@ -61,7 +63,7 @@ dist: venv
 	$(VENV_PY) -m pip wheel --no-deps --no-build-isolation -w dist dist/kasa_trl-*.tar.gz
 
 clean:
-	rm -rf outputs runs build dist .pytest_cache .ruff_cache .hypothesis *.egg-info kasa_trl.egg-info
+	rm -rf outputs runs build dist .pytest_cache .ruff_cache .mypy_cache .hypothesis *.egg-info kasa_trl.egg-info
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean
