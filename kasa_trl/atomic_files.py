@@ -25,7 +25,7 @@ from pathlib import Path
 try:  # POSIX; elsewhere writers of one directory are not serialized
     import fcntl
 except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # None stands for "no fcntl on this OS"
 
 
 @contextlib.contextmanager
