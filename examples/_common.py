@@ -114,10 +114,25 @@ class KaSAScriptArguments:
         },
     )
     base_mode: str = field(
-        default="in_place",
+        default="auto",
         metadata={
-            "help": "in_place overwrites W with W_trunc (the paper); non_destructive keeps W and subtracts R x.",
-            "choices": ["in_place", "non_destructive"],
+            "help": "in_place overwrites W with W_trunc (the paper); non_destructive keeps W and subtracts R x; "
+            "auto is in_place on fp32 bases, non_destructive on bf16/fp16 and quantized ones.",
+            "choices": ["auto", "in_place", "non_destructive"],
+        },
+    )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "Load the base in 4 bits (bitsandbytes nf4 with double quantization, QLoRA's recipe; compute "
+            "dtype bf16 with --bf16, fp16 with --fp16, else fp32) and train KaSA on it (non_destructive). Needs "
+            "pip install 'kasa_trl[quantization]'; runs on CPU too."
+        },
+    )
+    load_in_8bit: bool = field(
+        default=False,
+        metadata={
+            "help": "Load the base in 8 bits (bitsandbytes LLM.int8) and train KaSA on it (non_destructive)."
         },
     )
     truncation: str = field(
@@ -389,16 +404,64 @@ def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
-def load_model_and_tokenizer(script_args: KaSAScriptArguments) -> tuple[PreTrainedModel, Any]:
-    """``--model_name_or_path`` through the Auto classes, else the embedded tiny Llama and its tokenizer (always
-    the same weights, whatever ``--seed``, so an adapter trained by one example fits the base of another)."""
+def load_model_and_tokenizer(
+    script_args: KaSAScriptArguments, training_args: Any = None
+) -> tuple[PreTrainedModel, Any]:
+    """``--model_name_or_path`` through the Auto classes (quantized with ``--load_in_4bit``/``--load_in_8bit``),
+    else the embedded tiny Llama and its tokenizer (always the same weights, whatever ``--seed``, so an adapter
+    trained by one example fits the base of another; see ``load_quantized_embedded_base`` to quantize it)."""
     if script_args.model_name_or_path is None:
         tokenizer = build_tokenizer()
         return build_tiny_llama(len(tokenizer), seed=0), tokenizer
     tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)
     dtype = script_args.dtype if script_args.dtype == "auto" else getattr(torch, script_args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(script_args.model_name_or_path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        script_args.model_name_or_path, dtype=dtype, **quantized_loading(script_args, training_args)
+    )
     return model, tokenizer
+
+
+def quantized_loading(script_args: KaSAScriptArguments, training_args: Any) -> dict[str, Any]:
+    """``from_pretrained`` arguments for ``--load_in_4bit`` / ``--load_in_8bit`` (``{}`` without them): the
+    ``BitsAndBytesConfig`` and a ``device_map`` holding the whole model on this rank's device."""
+    if script_args.load_in_4bit and script_args.load_in_8bit:
+        raise ValueError("--load_in_4bit and --load_in_8bit exclude each other; pass one")
+    if not (script_args.load_in_4bit or script_args.load_in_8bit):
+        return {}
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        sys.exit(
+            "error: --load_in_4bit/--load_in_8bit need bitsandbytes: pip install 'kasa_trl[quantization]'"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if script_args.load_in_8bit:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        bf16, fp16 = getattr(training_args, "bf16", False), getattr(training_args, "fp16", False)
+        compute = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+    device = {"": int(os.environ.get("LOCAL_RANK", "0"))} if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": config, "device_map": device}
+
+
+def load_quantized_embedded_base(
+    base_dir: Path, script_args: KaSAScriptArguments, training_args: Any
+) -> PreTrainedModel | None:
+    """With ``--load_in_4bit`` / ``--load_in_8bit``, the embedded base reloaded quantized from ``base_dir``
+    (``save_embedded_base``'s folder), as a user loads a quantized checkpoint; ``None`` without them."""
+    loading = quantized_loading(script_args, training_args)
+    if not loading:
+        return None
+    with training_args.main_process_first(local=False, desc="the embedded base"):
+        pass  # the main process has saved it
+    return AutoModelForCausalLM.from_pretrained(base_dir, **loading)
 
 
 def load_train_dataset(script_args: KaSAScriptArguments, kind: str) -> datasets.Dataset:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from _common import (
     KaSAScriptArguments,
     load_model_and_tokenizer,
+    load_quantized_embedded_base,
     load_train_dataset,
     parse_args,
     prepare_run,
@@ -65,11 +66,13 @@ def parse_command_line(argv: list[str] | None = None) -> tuple[DPOScriptArgument
 def main() -> None:
     script_args, training_args = parse_command_line()
     prepare_run(script_args, training_args)
-    model, tokenizer = load_model_and_tokenizer(script_args)
+    model, tokenizer = load_model_and_tokenizer(script_args, training_args)
     if script_args.sft_adapter is not None:
         merge_and_unload(load_kasa_adapter(model, script_args.sft_adapter))
     if script_args.model_name_or_path is None:
-        save_embedded_base(model, tokenizer, training_args)  # after the SFT merge: the base DPO trains on
+        # After the SFT merge: the base DPO trains on.
+        base_dir = save_embedded_base(model, tokenizer, training_args)
+        model = load_quantized_embedded_base(base_dir, script_args, training_args) or model
     trainer = KaSADPOTrainer(
         model=model,
         args=training_args,

@@ -21,6 +21,7 @@ from __future__ import annotations
 from _common import (
     KaSAScriptArguments,
     load_model_and_tokenizer,
+    load_quantized_embedded_base,
     load_train_dataset,
     parse_args,
     prepare_run,
@@ -48,9 +49,10 @@ def parse_command_line(argv: list[str] | None = None) -> tuple[KaSAScriptArgumen
 def main() -> None:
     script_args, training_args = parse_command_line()
     prepare_run(script_args, training_args)
-    model, tokenizer = load_model_and_tokenizer(script_args)
+    model, tokenizer = load_model_and_tokenizer(script_args, training_args)
     if script_args.model_name_or_path is None:
-        save_embedded_base(model, tokenizer, training_args)
+        base_dir = save_embedded_base(model, tokenizer, training_args)
+        model = load_quantized_embedded_base(base_dir, script_args, training_args) or model
     trainer = KaSATrainer(
         model=model,
         args=training_args,

@@ -18,11 +18,14 @@ _EXPORTS = {
     "KaSADPOTrainer": "dpo_trainer",
     "SpectrumCallback": "callbacks",
     "apply_kasa": "model",
+    "attach_kasa_regularization": "regularization",
+    "detach_kasa_regularization": "regularization",
     "get_kasa_config": "model",
     "is_complete_checkpoint": "checkpoint",
     "last_complete_checkpoint": "checkpoint",
     "kasa_adapters_disabled": "model",
     "kasa_layers": "model",
+    "kasa_regularization": "regularization",
     "load_kasa_adapter": "adapter_io",
     "merge_and_unload": "unloading",
     "read_adapter_info": "adapter_files",
@@ -41,10 +44,13 @@ __all__ = [
     "KaSATrainer",
     "SpectrumCallback",
     "apply_kasa",
+    "attach_kasa_regularization",
+    "detach_kasa_regularization",
     "get_kasa_config",
     "is_complete_checkpoint",
     "kasa_adapters_disabled",
     "kasa_layers",
+    "kasa_regularization",
     "last_complete_checkpoint",
     "load_kasa_adapter",
     "merge_and_unload",
@@ -80,6 +86,7 @@ if TYPE_CHECKING:
     from .dpo_trainer import KaSADPOTrainer
     from .layer import KaSALinear
     from .model import apply_kasa, get_kasa_config, kasa_adapters_disabled, kasa_layers
+    from .regularization import attach_kasa_regularization, detach_kasa_regularization, kasa_regularization
     from .regularizers import register_regularizer, registered_regularizers, unregister_regularizer
     from .trainer import KaSATrainer
     from .unloading import merge_and_unload, unload

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from .adapter_format import (
     ADAPTER_FILE,
     BASE_MODEL_KEY,
+    BASE_QUANTIZATION_KEY,
     CONFIG_FILE,
     FORMAT,
     HEADER_DTYPES,
@@ -35,6 +36,7 @@ from .adapter_format import (
     Spec,
     check_finite,
     check_layout,
+    check_quantization_record,
 )
 from .atomic_files import atomic_write, directory_lock, fsync_directory, remove_stale_temporaries
 from .config import KaSAConfig
@@ -50,12 +52,15 @@ class AdapterInfo:
         config: the KaSA config the adapter was trained with.
         layers: the adapted modules' qualified names, sorted.
         base_model_name_or_path: the base model it was saved from (a hub id or a path), if recorded.
+        base_quantization: for an adapter trained on a quantized base, ``{"layers": {name: kind}, "config":
+            BitsAndBytesConfig as a dict or None}`` (``kasa_trl.quantized``); ``None`` for a full-precision base.
     """
 
     path: Path
     config: KaSAConfig
     layers: tuple[str, ...]
     base_model_name_or_path: str | None
+    base_quantization: dict[str, Any] | None = None
 
 
 def write_adapter(
@@ -64,8 +69,10 @@ def write_adapter(
     config: KaSAConfig,
     *,
     base_model_name_or_path: str | None = None,
+    base_quantization: dict[str, Any] | None = None,
 ) -> Path:
-    """Atomically write ``tensors`` (from ``adapter_state_dict``) and ``config`` as an adapter directory.
+    """Atomically write ``tensors`` (from ``adapter_state_dict``) and ``config`` as an adapter directory;
+    ``base_quantization``: how the base was quantized (``adapter_io.base_quantization``), ``None`` if it was not.
 
     The tensors are checked as a load checks them (complete layers, dtypes, shapes, finite values) before
     anything is written: a file this function writes always reads back.
@@ -96,6 +103,9 @@ def write_adapter(
     }
     if base_model_name_or_path:
         metadata[BASE_MODEL_KEY] = base_model_name_or_path
+    if base_quantization is not None:
+        check_quantization_record(base_quantization, layers, where, for_saving=True)
+        metadata[BASE_QUANTIZATION_KEY] = json.dumps(base_quantization, sort_keys=True)
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     try:
@@ -225,7 +235,13 @@ def _read_header(directory: str | os.PathLike[str]) -> tuple[AdapterInfo, dict[s
     base = metadata.get(BASE_MODEL_KEY)  # other metadata keys are ignored: room for fields added later
     check_layout(specs, layers, config, str(path), for_saving=False)
     _check_config_copy(Path(directory) / CONFIG_FILE, config_dict, path)
-    return AdapterInfo(path, config, tuple(sorted(layers)), base or None), specs
+    quantization = None
+    if BASE_QUANTIZATION_KEY in metadata:
+        quantization = _json_field(metadata, BASE_QUANTIZATION_KEY, path, dict, "a JSON object")
+        check_quantization_record(
+            quantization, layers, f"{path}: metadata field {BASE_QUANTIZATION_KEY!r}", for_saving=False
+        )
+    return AdapterInfo(path, config, tuple(sorted(layers)), base or None, quantization), specs
 
 
 def _json_field(metadata: Mapping[str, str], key: str, path: Path, kind: type, what: str) -> Any:

@@ -3,19 +3,22 @@
 ``kasa_adapter.safetensors`` holds, per KaSA layer, ``TENSOR_KEYS``: ``lora_A`` (r, in), ``lora_B`` (out, r),
 ``lora_diag`` (r,), the removed factors ``removed_left`` (out, n) and ``removed_right`` (n, in) in one of
 ``FACTOR_DTYPES``, and ``base_fingerprint`` (float64, see ``fingerprint``); its metadata holds ``FORMAT``, the config,
-the layer list and, when known, the base model's name (``BASE_MODEL_KEY``). ``check_layout`` and ``check_finite``
+the layer list, when known the base model's name (``BASE_MODEL_KEY``), and for a quantized base how it was
+quantized (``BASE_QUANTIZATION_KEY``, ``check_quantization_record``). ``check_layout`` and ``check_finite``
 are the checks writing and reading share (``adapter_files``), so that a file written always reads back.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 
 from .config import KaSAConfig
 from .fingerprint import N_PROBES
+from .quantized import RECORD_CONFIG, RECORD_LAYERS
 
 ADAPTER_FILE = "kasa_adapter.safetensors"
 CONFIG_FILE = "kasa_config.json"
@@ -25,6 +28,9 @@ TENSOR_KEYS = ("lora_A", "lora_B", "lora_diag", "removed_left", "removed_right",
 # Metadata keys: FORMAT, the config and the layer list always; the base model's name when known (added later:
 # files without it load as before).
 BASE_MODEL_KEY = "base_model_name_or_path"
+# The base's quantization when any adapted layer is quantized (``quantized.quantization_record``, as JSON; added
+# later as well: files without it are from full-precision bases).
+BASE_QUANTIZATION_KEY = "base_quantization"
 FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # safetensors' dtype names, as a header lists them (to name a wrong dtype as torch does).
 HEADER_DTYPES = {
@@ -122,3 +128,20 @@ def check_finite(tensors: Mapping[str, torch.Tensor], where: str, *, for_saving:
         )
         error = FloatingPointError if for_saving else ValueError
         raise error(f"{where}: non-finite (NaN/Inf) values in {bad[:5]}; {fix}")
+
+
+def check_quantization_record(record: Any, layers: list[str], where: str, *, for_saving: bool) -> None:
+    """Raise unless ``record`` (``BASE_QUANTIZATION_KEY``'s value) is ``{"layers": {adapted layer: kind (str)},
+    "config": dict or None}`` naming only layers of ``layers``."""
+    kinds = record.get(RECORD_LAYERS) if isinstance(record, dict) else None
+    config = record.get(RECORD_CONFIG) if isinstance(record, dict) else None
+    if (
+        not isinstance(kinds, dict)
+        or not all(isinstance(k, str) and k in layers and isinstance(v, str) for k, v in kinds.items())
+        or not (config is None or isinstance(config, dict))
+    ):
+        redo = "" if for_saving else "; re-save the adapter"
+        raise ValueError(
+            f"{where}: the base quantization record must be {{'layers': {{adapted layer: kind}}, 'config': dict or "
+            f"null}} naming adapted layers, got {json.dumps(record, default=str)[:200]}{redo}"
+        )

@@ -10,19 +10,35 @@ decomposition runs, and the result is bit-identical on any hardware.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from .adapter_files import AdapterInfo, read_adapter, read_adapter_info, write_adapter
-from .adapter_format import ADAPTER_FILE, BASE_MODEL_KEY, CONFIG_FILE, FORMAT, TENSOR_KEYS
+from .adapter_format import (
+    ADAPTER_FILE,
+    BASE_MODEL_KEY,
+    BASE_QUANTIZATION_KEY,
+    CONFIG_FILE,
+    FORMAT,
+    TENSOR_KEYS,
+)
 from .config import KaSAConfig
 from .distributed import is_partitioned
 from .fingerprint import TOLERANCE, base_deviation
 from .layer import KaSALinear
 from .model import get_kasa_config, install_kasa_layers, kasa_layers
+from .quantized import (
+    RECORD_LAYERS,
+    base_mismatch_detail,
+    is_quantized_layer,
+    quantization_kind,
+    quantization_record,
+)
 from .shared_weights import config_for_targets
 from .targets import check_adapter_fits, check_supported, removed_rank
 from .weights import base_weight, stored_weight, weight_shape
@@ -30,11 +46,13 @@ from .weights import base_weight, stored_weight, weight_shape
 __all__ = [  # the file-level names are re-exported: callers import them from here
     "ADAPTER_FILE",
     "BASE_MODEL_KEY",
+    "BASE_QUANTIZATION_KEY",
     "CONFIG_FILE",
     "FORMAT",
     "TENSOR_KEYS",
     "AdapterInfo",
     "adapter_state_dict",
+    "base_quantization",
     "layer_tensors",
     "load_kasa_adapter",
     "model_name_or_path",
@@ -81,6 +99,12 @@ def model_name_or_path(model: nn.Module) -> str | None:
     return None
 
 
+def base_quantization(model: nn.Module) -> dict[str, Any] | None:
+    """What the adapter file records about the quantization of ``model``'s adapted base layers (``None`` when none
+    is quantized): see ``kasa_trl.quantized.quantization_record``."""
+    return quantization_record(model, {name: layer.base_layer for name, layer in kasa_layers(model).items()})
+
+
 def save_kasa_adapter(
     model: nn.Module, save_directory: str | os.PathLike[str], *, base_model_name_or_path: str | None = None
 ) -> Path:
@@ -91,7 +115,11 @@ def save_kasa_adapter(
     """
     base = base_model_name_or_path if base_model_name_or_path is not None else model_name_or_path(model)
     return write_adapter(
-        save_directory, adapter_state_dict(model), get_kasa_config(model), base_model_name_or_path=base
+        save_directory,
+        adapter_state_dict(model),
+        get_kasa_config(model),
+        base_model_name_or_path=base,
+        base_quantization=base_quantization(model),
     )
 
 
@@ -172,11 +200,15 @@ def _checked_load(
             "names: loading would truncate its weight once per name. The file was not written by this kasa_trl "
             "for this model; re-save the adapter"
         )
+    if config.base_mode == "in_place" and any(is_quantized_layer(m) for m in modules.values()):
+        # Both modes compute W - R + dW; a quantized weight is never rewritten (kasa_trl.quantized).
+        config = dataclasses.replace(config, base_mode="non_destructive")
     try:
         config = config_for_targets(model, modules, config)
     except (TypeError, ValueError) as e:
         raise type(e)(f"adapter {where}: {e}") from None
-    _check_base_weights(modules, per_layer, where)
+    recorded = read_adapter_info(adapter_directory).base_quantization or {}
+    _check_base_weights(modules, per_layer, where, recorded.get(RECORD_LAYERS, {}))
     return config, per_layer, modules
 
 
@@ -223,9 +255,13 @@ def _target_module(
 
 
 def _check_base_weights(
-    modules: dict[str, nn.Module], per_layer: dict[str, dict[str, torch.Tensor]], where: Path
+    modules: dict[str, nn.Module],
+    per_layer: dict[str, dict[str, torch.Tensor]],
+    where: Path,
+    recorded_kinds: dict[str, str],
 ) -> None:
-    """Every target weight is the base the adapter was trained on (the rule: ``fingerprint``'s docstring)."""
+    """Every target weight is the base the adapter was trained on (the rule: ``fingerprint``'s docstring; a
+    quantized weight is compared dequantized). ``recorded_kinds``: the quantization of each layer at training."""
     mismatched = {}
     for name, module in modules.items():
         tensors = per_layer[name]
@@ -240,7 +276,10 @@ def _check_base_weights(
     if not mismatched:
         return
     name, deviation = next(iter(mismatched.items()))
-    if not bool(torch.isfinite(base_weight(modules[name])).all()):
+    quantization = base_mismatch_detail(recorded_kinds.get(name), quantization_kind(modules[name]), name)
+    if quantization is not None:
+        detail = f"{quantization} (its fingerprint moved by {deviation.projections:.3g} of the weight's RMS)"
+    elif not bool(torch.isfinite(base_weight(modules[name])).all()):
         detail = "its weights hold NaN/Inf: check the base checkpoint"
     elif deviation.already_truncated:
         detail = (

@@ -31,7 +31,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .atomic_outputs import atomic_output_dir, check_output_dir
 
@@ -185,6 +185,15 @@ def _export_lora(args: argparse.Namespace) -> None:
         force_base=args.force_base,
     )
     config = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
+    from .adapter_io import read_adapter_info
+
+    quantization = read_adapter_info(adapter).base_quantization
+    if quantization is not None:
+        print(
+            f"the adapter was trained on a {_kinds(quantization)} base: load the base quantized the same way to "
+            "reproduce the KaSA model's outputs (BitsAndBytesConfig.from_dict(kasa_trl.read_adapter_info("
+            "ADAPTER_DIR).base_quantization['config']))"
+        )
     rank = config["r"]
     vllm_rank = next((v for v in VLLM_MAX_LORA_RANKS if v >= rank), None)
     print(f"wrote a rank-{rank} LoRA adapter for the ORIGINAL base to {out}")
@@ -217,17 +226,28 @@ def _merge(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .adapter_io import load_kasa_adapter
+    from .adapter_io import load_kasa_adapter, read_adapter_info
     from .model import kasa_layers
+    from .quantized import loading_kwargs
     from .unloading import merge_and_unload
 
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     if not os.path.isdir(base) and (os.sep in base or base.startswith(".")):
         raise UsageError(f"base model directory {base} does not exist{origin}")
+    # An adapter trained on a quantized base is merged into that base dequantized: the weights it was trained on.
+    quantization = read_adapter_info(adapter).base_quantization
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            base, dtype=dtype, **loading_kwargs(quantization, f"the adapter at {adapter}")
+        )
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load base model {base!r}{origin}: {e}") from e
+    if quantization is not None:
+        model = model.dequantize()
+        print(
+            f"dequantized the {_kinds(quantization)} base: the merged model is full precision and computes what "
+            "the adapter was trained with (dequantized W - R + dW)"
+        )
     load_kasa_adapter(model, adapter)
     n_layers = len(kasa_layers(model))
     merge_and_unload(model)
@@ -238,6 +258,13 @@ def _merge(args: argparse.Namespace) -> None:
             tokenizer.save_pretrained(tmp)
     note = "" if tokenizer is not None else " (no tokenizer found to copy)"
     print(f"merged {n_layers} KaSA layers into {base} and saved the model to {out}{note}")
+
+
+def _kinds(quantization: dict[str, Any]) -> str:
+    """The quantization kinds an adapter's base record names, in words."""
+    from .quantized import RECORD_LAYERS
+
+    return " / ".join(sorted(set(quantization[RECORD_LAYERS].values())))
 
 
 def _inspect(args: argparse.Namespace) -> None:

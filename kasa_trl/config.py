@@ -70,7 +70,8 @@ class KaSAConfig:
             "help": "'in_place' overwrites W with W_trunc (the paper); 'non_destructive' keeps W bit-exact and "
             "subtracts the removed part R x in forward; 'auto' (default) is 'in_place' on fp32/fp64 bases and "
             "'non_destructive' on bf16/fp16 bases, whose dtype rounds W_trunc by about as much as R itself "
-            "(docs/guarantees.md, Numerical limits). The config of an adapted model records the mode chosen."
+            "(docs/guarantees.md, Numerical limits), and on bitsandbytes 4-bit/8-bit bases (the only mode they "
+            "run in: kasa_trl.quantized). The config of an adapted model records the mode chosen."
         },
     )
     truncation: Literal["paper", "official"] = field(

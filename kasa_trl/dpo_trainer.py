@@ -31,6 +31,7 @@ from trl.trainer.utils import get_config_model_id
 from .config import KaSAConfig
 from .layer import KaSALinear
 from .model import kasa_adapters_disabled, kasa_layers
+from .quantized_training import check_quantized_training, trainer_construction
 from .trainer import KaSATrainerMixin
 from .unloading import unload
 
@@ -168,6 +169,7 @@ class KaSADPOTrainer(KaSATrainerMixin, DPOTrainer):
                     model_id, revision=revision, trust_remote_code=args.trust_remote_code
                 )
             args.model_init_kwargs = None  # consumed above; TRL would warn that they are ignored
+        check_quantized_training(model, args)
         # Seeds the adapter's random init (A, sigma), as TRL seeds before creating PEFT adapters.
         set_seed(args.seed)
         adapted_here = not kasa_layers(model)
@@ -182,7 +184,7 @@ class KaSADPOTrainer(KaSATrainerMixin, DPOTrainer):
                     "a KaSA adapter on the LM head is not supported by DPO: TRL computes the log-probabilities from "
                     "lm_head.weight directly, so the adapter would be bypassed. Remove the head from target_modules"
                 )
-            with reference_loading:
+            with reference_loading, trainer_construction(model):
                 super().__init__(
                     model=model,
                     ref_model=ref_model,

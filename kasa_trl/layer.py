@@ -8,6 +8,7 @@ where ``W_trunc = W - R`` and ``R = left @ right`` is the rank-n part removed fr
 smallest singular triplets; n = r with the paper's truncation). In ``in_place`` mode the base weight is
 overwritten with ``W_trunc``; in ``non_destructive`` mode it keeps ``W`` bit-exact and ``R x`` is subtracted
 in forward. The layer only stores and applies the removed factors: computing them is ``decomposition``'s job.
+A bitsandbytes quantized base (``quantized``) runs ``non_destructive`` only and is never written.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .config import RESOLVED_BASE_MODES, lora_scaling
 from .distributed import is_partitioned, truncate_partition
 from .factors import removed_float64, truncate
 from .fingerprint import weight_fingerprint
+from .quantized import in_place_refusal, is_quantized_layer, write_refusal
 from .stacked import stacked_down, stacked_up
 from .weights import (
     SUPPORTED_BASE_LAYERS,
@@ -141,6 +143,8 @@ class KaSALinear(nn.Module):
         check_base_weight(base_layer.weight, f"KaSALinear's base layer ({type(base_layer).__name__})")
         if adapter_dtype is not None and adapter_dtype not in SUPPORTED_WEIGHT_DTYPES:
             raise TypeError(f"adapter_dtype must be a floating-point dtype, got {adapter_dtype}")
+        if base_mode == "in_place" and is_quantized_layer(base_layer):
+            raise ValueError(in_place_refusal("KaSALinear's base layer", base_layer))
         self.base_layer = base_layer
         self.fan_in_fan_out = stores_transposed(base_layer)  # PEFT's name for Conv1D's (in, out) layout
         weight = base_weight(base_layer)  # empty while ZeRO-3 holds it partitioned (see partitioned below)
@@ -362,6 +366,8 @@ class KaSALinear(nn.Module):
         ZeRO-3, not on ``meta``), the terms it adds are finite, and the result fits the base dtype."""
         param = self.base_layer.weight
         check_base_weight(param, where)
+        if is_quantized_layer(self.base_layer):
+            raise ValueError(write_refusal(where, self.base_layer, operation))
         if is_partitioned(param) and param.numel() == 0:
             raise ValueError(
                 f"{where}: the base weight is partitioned by DeepSpeed ZeRO-3, so {operation} cannot write it. Save "

@@ -187,3 +187,9 @@ def attach_penalties(
     for layer in layers.values():
         layer.penalty_hook = session
     return session
+
+
+def detach_penalties(model: nn.Module) -> None:
+    """Remove the hooks ``attach_penalties`` installed on ``model``'s KaSA layers."""
+    for layer in kasa_layers(model).values():
+        layer.penalty_hook = None

@@ -19,6 +19,7 @@ from torch import nn
 from .config import KaSAConfig, resolve_base_mode
 from .distributed import is_partitioned
 from .layer import KaSALinear, check_layer_arguments
+from .quantized import in_place_refusal, is_quantized_layer
 from .weights import stored_weight
 
 
@@ -41,8 +42,15 @@ def config_for_targets(model: nn.Module, targets: dict[str, nn.Module], config: 
 
 def resolve_model_base_mode(model: nn.Module, targets: dict[str, nn.Module], base_mode: str) -> str:
     """The concrete mode ``base_mode`` stands for on ``targets``: ``"auto"`` is ``"in_place"`` when every target
-    weight is fp32/fp64 and none is shared with another module, else ``"non_destructive"`` (a bf16/fp16 copy of
-    ``W - R`` is rounded by about as much as ``R``; a shared weight would be truncated for all its users)."""
+    weight is fp32/fp64, none is quantized and none is shared with another module, else ``"non_destructive"`` (a
+    bf16/fp16 copy of ``W - R`` is rounded by about as much as ``R``, a quantized one by far more; a shared weight
+    would be truncated for all its users). An explicit ``"in_place"`` on a quantized target is refused."""
+    quantized = {name: module for name, module in targets.items() if is_quantized_layer(module)}
+    if base_mode == "in_place" and quantized:
+        name, module = next(iter(quantized.items()))
+        raise ValueError(in_place_refusal(name, module))
+    if base_mode == "auto" and quantized:
+        return "non_destructive"
     mode = resolve_base_mode(base_mode, [stored_weight(module).dtype for module in targets.values()])
     if base_mode == "auto" and shared_weight_users(model, targets):
         return "non_destructive"

@@ -4,6 +4,8 @@ A decomposer maps the targets (``{name: module}``) and how many triplets to remo
 ``(left (out, n), right (n, in))`` of every target, optionally followed by the original weight's fingerprint.
 
 - ``decompose_targets``: one process; several weights at once on CPU cores (``decomposition.minor_components_many``).
+- ``decompose_dequantized``: one process, a quantized model: dequantized copies a few at a time (never the whole
+  model in full precision at once), fingerprinted from the same copy.
 - ``sharded_decompose``: under ZeRO-3 (or any process group) no rank holds a whole weight outside a gather. The
   targets, largest first, are taken ``world_size`` at a time, each group is gathered once, rank ``i % world_size``
   decomposes target ``i`` (and fingerprints its original weight) while the others decompose theirs, and only the
@@ -32,6 +34,7 @@ from .config import KaSAConfig
 from .decomposition import minor_components, minor_components_many
 from .distributed import gathered, is_partitioned, rank_and_world
 from .fingerprint import N_PROBES, weight_fingerprint
+from .quantized import is_quantized_layer
 from .weights import base_weight, stored_weight, weight_shape
 
 # The removed factors ``(left, right)`` of every target, optionally followed by the original weight's fingerprint.
@@ -44,12 +47,15 @@ _Item = TypeVar("_Item")
 
 def decompose_targets(
     targets: dict[str, nn.Module], n_removed: dict[str, int], config: KaSAConfig
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The removed factors ``(left (out, n), right (n, in))`` of each target (several at once on CPU cores)."""
+) -> dict[str, tuple[torch.Tensor, ...]]:
+    """The removed factors ``(left (out, n), right (n, in))`` of each target (several at once on CPU cores); on a
+    quantized model ``(left, right, fingerprint)``, from dequantized copies (``decompose_dequantized``)."""
+    if any(is_quantized_layer(module) for module in targets.values()):
+        return decompose_dequantized(targets, n_removed, config)
     names = list(targets)
     weights = [base_weight(targets[name]) for name in names]
     ns = [n_removed[name] for name in names]
-    factors = {}
+    factors: dict[str, tuple[torch.Tensor, ...]] = {}
     # closing: interrupted between two layers (Ctrl-C), the worker threads are shut down here, not whenever the
     # generator is collected (an error raised inside the decomposition ends the generator itself).
     with contextlib.closing(minor_components_many(weights, ns, config.decomposition_method)) as results:
@@ -61,6 +67,34 @@ def decompose_targets(
                 # (nothing was modified yet), as for its other refusals (removed values beyond the factor dtype).
                 _check_finite_weight(name, weight)
                 raise ValueError(f"{name}: {error}") from error
+    return factors
+
+
+def decompose_dequantized(
+    targets: dict[str, nn.Module], n_removed: dict[str, int], config: KaSAConfig
+) -> dict[str, tuple[torch.Tensor, ...]]:
+    """``(left, right, fingerprint)`` of each target of a quantized model. A quantized target's weight is a
+    dequantized copy (``weights.base_weight``), so they are made a few at a time, as many as decompose at once on
+    CPU cores (one at a time elsewhere), and dropped after: never all at once (the whole model in full precision).
+    """
+    names = list(targets)
+    on_cpu = all(stored_weight(targets[name]).device.type == "cpu" for name in names)
+    group = max(1, min(torch.get_num_threads(), 8)) if on_cpu else 1
+    factors: dict[str, tuple[torch.Tensor, ...]] = {}
+    for start in _progress(range(0, len(names), group), "KaSA: decomposing"):
+        chunk = names[start : start + group]
+        weights = [base_weight(targets[name]) for name in chunk]
+        for name, weight in zip(chunk, weights, strict=True):
+            _check_finite_weight(name, weight)
+        ns = [n_removed[name] for name in chunk]
+        with contextlib.closing(minor_components_many(weights, ns, config.decomposition_method)) as results:
+            for name, weight in zip(chunk, weights, strict=True):
+                try:
+                    left, right = next(results)
+                except ValueError as error:
+                    raise ValueError(f"{name}: {error}") from error
+                factors[name] = (left, right, weight_fingerprint(weight))
+        del weights
     return factors
 
 

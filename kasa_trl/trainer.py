@@ -13,23 +13,28 @@ anything changes; a callback stops the first step if no adapter parameter receiv
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+from transformers import set_seed
 from transformers.trainer_utils import TrainOutput
-from trl import SFTTrainer
+from trl import SFTConfig, SFTTrainer
 
-from .adapter_io import layer_tensors, model_name_or_path, read_adapter, write_adapter
+from .adapter_io import base_quantization, layer_tensors, model_name_or_path, read_adapter, write_adapter
 from .callbacks import log_spectra
 from .checkpoint import last_complete_checkpoint
 from .config import KaSAConfig, config_differences, format_differences
 from .distributed import gathered
 from .model import apply_kasa, get_kasa_config, kasa_layers
 from .penalty import PenaltySession, attach_penalties
+from .quantized import has_quantized_layers
+from .quantized_training import check_quantized_training, trainer_construction
 from .training_guards import (
     GradientReachesAdapters,
     check_no_peft_layers,
@@ -37,6 +42,7 @@ from .training_guards import (
     check_same_adapter,
     check_trainable,
 )
+from .unloading import unload
 
 if TYPE_CHECKING:
     # What the mixin is mixed into, for the type checker: TRL's trainers are transformers Trainers.
@@ -114,6 +120,33 @@ class KaSATrainerMixin(_MixedInto):
         apply_kasa(model, kasa_config if kasa_config is not None else KaSAConfig())
         # The model's copy: apply_kasa records the base_mode "auto" stood for.
         return get_kasa_config(model)
+
+    @contextlib.contextmanager
+    def _kasa_quantized_base(
+        self, model: Any, kasa_config: KaSAConfig | None, args: Any, quantization_config: Any
+    ) -> Iterator[None]:
+        """Around the TRL constructor: on a quantized base, KaSA goes on first (transformers' Trainer refuses a
+        quantized model without trainable adapters) and the constructor runs inside
+        ``quantized_training.trainer_construction``; if it fails, the model is left as it was. A no-op for any
+        other model."""
+        check_quantized_training(model, args, quantization_config)
+        if not isinstance(model, nn.Module) or not has_quantized_layers(model):
+            yield
+            return
+        adapted_here = not kasa_layers(model)
+        requires_grad = [(param, param.requires_grad) for param in model.parameters()]
+        # Seeds the adapter's random init (A, sigma), as TRL's constructor seeds before creating PEFT adapters.
+        set_seed(args.seed if args is not None else SFTConfig.seed)
+        self._kasa_adapt(model, kasa_config)
+        try:
+            with trainer_construction(model):
+                yield
+        except BaseException:
+            if adapted_here:
+                unload(model)
+                for param, flag in requires_grad:
+                    param.requires_grad_(flag)
+            raise
 
     def _kasa_setup(self, kasa_config: KaSAConfig | None) -> None:
         """After the TRL constructor: adapt ``self.model`` (if not done yet) and install the regularizers."""
@@ -239,7 +272,13 @@ class KaSATrainerMixin(_MixedInto):
             # The base's name or folder, as transformers recorded it (the examples point it at the base they
             # saved): `kasa-trl merge ADAPTER OUT` then needs no --base.
             base = model_name_or_path(self.model)
-            write_adapter(output_dir, tensors, self.kasa_config, base_model_name_or_path=base)
+            write_adapter(
+                output_dir,
+                tensors,
+                self.kasa_config,
+                base_model_name_or_path=base,
+                base_quantization=base_quantization(self.model),
+            )
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
@@ -270,10 +309,13 @@ class KaSATrainer(KaSATrainerMixin, SFTTrainer):
     """``trl.SFTTrainer`` training a KaSA adapter with the KaSA regularizers.
 
     Same arguments as ``SFTTrainer`` plus ``kasa_config`` (default ``KaSAConfig()``). ``peft_config`` may be a
-    ``KaSAConfig`` or a ``peft.LoraConfig(kasa_config=...)`` (converted), nothing else.
+    ``KaSAConfig`` or a ``peft.LoraConfig(kasa_config=...)`` (converted), nothing else. A model on a bitsandbytes
+    4-bit/8-bit base is adapted before TRL's constructor runs (``kasa_trl.quantized_training``); pass it loaded.
     """
 
-    def __init__(self, *args: Any, kasa_config: KaSAConfig | None = None, **kwargs: Any) -> None:
+    def __init__(self, model: Any, *args: Any, kasa_config: KaSAConfig | None = None, **kwargs: Any) -> None:
         config = self._kasa_resolve_config(kasa_config, kwargs.pop("peft_config", None))
-        super().__init__(*args, **kwargs)
+        training_args = kwargs.get("args", args[0] if args else None)
+        with self._kasa_quantized_base(model, config, training_args, kwargs.get("quantization_config")):
+            super().__init__(model, *args, **kwargs)
         self._kasa_setup(config)

@@ -4,6 +4,8 @@
 ``(in, out)``. Every KaSA computation works on ``(out, in)``: these functions are the one place that knows how a
 module stores its weight, for reading it, writing it, its shape (also while ZeRO-3 partitions it) and tensors laid
 out like it.
+A bitsandbytes 4-bit/8-bit layer (``quantized``) is read dequantized: its ``base_weight`` is a full-precision copy
+of what it computes with, its shape the layer's own; it is never written.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .distributed import is_partitioned
+from .quantized import dequantized_weight, is_quantized_layer, is_quantized_weight, quantized_shape
 
 # The modules KaSA wraps: the two layouts this module knows.
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
@@ -34,12 +37,17 @@ def stored_weight(module: nn.Module) -> torch.Tensor:
 
 
 def base_weight(module: nn.Module) -> torch.Tensor:
-    """``module``'s weight as ``(out, in)``: a view of the parameter's data (empty while ZeRO-3 partitions it)."""
+    """``module``'s weight as ``(out, in)``: a view of the parameter's data (empty while ZeRO-3 partitions it); for
+    a quantized layer, a dequantized copy (what it computes with)."""
+    if is_quantized_layer(module):
+        return dequantized_weight(module)
     return to_storage_layout(module, stored_weight(module).data)
 
 
 def weight_shape(module: nn.Module) -> tuple[int, int]:
-    """``(out, in)`` of ``module``'s weight, also while ZeRO-3 partitions it."""
+    """``(out, in)`` of ``module``'s weight, also while ZeRO-3 partitions it (or bitsandbytes packs it)."""
+    if is_quantized_layer(module):  # the packed weight's shape is not the layer's
+        return quantized_shape(module)
     weight = stored_weight(module)
     # ds_shape: the whole weight's shape, set by DeepSpeed on the parameters it partitions
     rows, cols = tuple(cast(Any, weight).ds_shape) if is_partitioned(weight) else tuple(weight.shape)
@@ -60,7 +68,10 @@ def write_base_weight(module: nn.Module, weight: torch.Tensor) -> None:
 
 def check_base_weight(weight: torch.Tensor, where: str) -> None:
     """Raise unless ``weight`` is a plain ``nn.Parameter`` of a supported float dtype holding values (not on the
-    ``meta`` device). ``where`` names the module in the message."""
+    ``meta`` device), or a bitsandbytes quantized weight (read dequantized: ``quantized``). ``where`` names the
+    module in the message."""
+    if is_quantized_weight(weight):
+        return
     if type(weight) is not nn.Parameter or weight.dtype not in SUPPORTED_WEIGHT_DTYPES:
         raise TypeError(
             f"{where} holds a {type(weight).__name__} of dtype {weight.dtype}: quantized or packed weights are not "

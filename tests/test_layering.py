@@ -45,6 +45,7 @@ LAYERS = {
     # 1 weight access and ZeRO primitives: the (out, in) view of a weight, gathers, partitions, ranks.
     "kasa_trl.distributed": 1,
     "kasa_trl.weights": 1,
+    "kasa_trl.quantized": 1,
     # 2 the layer.
     "kasa_trl.layer": 2,
     # 3 model-level operations: choosing targets, decomposing them, putting layers in and out, adapter files.
@@ -58,6 +59,8 @@ LAYERS = {
     "kasa_trl.adapter_io": 3,
     # 4 training: the trainers and what they use, the callbacks.
     "kasa_trl.penalty": 4,
+    "kasa_trl.regularization": 4,
+    "kasa_trl.quantized_training": 4,
     "kasa_trl.training_guards": 4,
     "kasa_trl.checkpoint": 4,
     "kasa_trl.trainer": 4,

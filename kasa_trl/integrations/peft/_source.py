@@ -20,6 +20,7 @@ from kasa_trl.adapter_io import (
 from kasa_trl.atomic_outputs import check_output_dir
 from kasa_trl.config import KaSAConfig
 from kasa_trl.model import get_kasa_config, kasa_layers
+from kasa_trl.quantized import loading_kwargs
 from kasa_trl.weights import stores_transposed
 
 FACTOR_KEYS = ("lora_A", "lora_B", "lora_diag", "removed_left", "removed_right")
@@ -169,10 +170,15 @@ def _inspect_base(
     from transformers import AutoModelForCausalLM
 
     is_local = os.path.isdir(base)
+    # A base the adapter was trained on quantized is loaded quantized the same way (its weights are checked
+    # dequantized).
+    quantization = loading_kwargs(read_adapter_info(directory).base_quantization, f"adapter {directory}")
     try:
         # dtype="auto": the checkpoint's own dtype (half the memory of float32 for a bf16 base); the fingerprint
         # rule accepts bf16/fp16 copies of the same weights.
-        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            base, dtype="auto", local_files_only=True, **quantization
+        )
     except (OSError, ValueError, KeyError) as e:
         if is_local:
             raise ValueError(f"cannot load the base model at {base}: {e}") from e
