@@ -35,11 +35,10 @@ from .model import get_kasa_config, install_kasa_layers, kasa_layers
 from .quantized import (
     RECORD_LAYERS,
     base_mismatch_detail,
-    is_quantized_layer,
     quantization_kind,
     quantization_record,
 )
-from .shared_weights import config_for_targets
+from .shared_weights import config_for_targets, loaded_base_mode
 from .targets import check_adapter_fits, check_supported, removed_rank
 from .weights import base_weight, stored_weight, weight_shape
 
@@ -141,6 +140,12 @@ def load_kasa_adapter(
     Runs no decomposition. Everything ``verify_adapter_base`` checks is checked before the model is modified,
     so an error leaves ``model`` unchanged. A failure while the layers are built (out of memory, Ctrl-C) writes
     back the weights truncated so far (within one rounding of the base dtype) before it propagates.
+
+    The base mode is chosen for ``model``, silently: the file's ``base_mode`` records how the adapter was trained,
+    and both modes compute the same function. An ``in_place`` adapter is rebuilt ``non_destructive`` on a base whose
+    target weights are bf16/fp16, quantized or shared with another module (the choice ``apply_kasa``'s ``"auto"``
+    makes there: a 16-bit copy of ``W - R`` would be rounded by about as much as ``R``); the loaded model's
+    ``kasa_config.base_mode`` records the mode used.
     """
     config, per_layer, modules = _checked_load(model, adapter_directory, is_trainable)
     # Nothing was modified so far. Building a layer truncates its weight in in_place mode.
@@ -200,10 +205,10 @@ def _checked_load(
             "names: loading would truncate its weight once per name. The file was not written by this kasa_trl "
             "for this model; re-save the adapter"
         )
-    if config.base_mode == "in_place" and any(is_quantized_layer(m) for m in modules.values()):
-        # Both modes compute W - R + dW; a quantized weight is never rewritten (kasa_trl.quantized).
-        config = dataclasses.replace(config, base_mode="non_destructive")
     try:
+        # The file's mode is a record: an in_place adapter is rebuilt non_destructively on a 16-bit, quantized or
+        # shared base (loaded_base_mode), as apply_kasa's "auto" would; both compute the same function.
+        config = dataclasses.replace(config, base_mode=loaded_base_mode(model, modules, config.base_mode))
         config = config_for_targets(model, modules, config)
     except (TypeError, ValueError) as e:
         raise type(e)(f"adapter {where}: {e}") from None

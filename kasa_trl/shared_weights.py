@@ -57,6 +57,19 @@ def resolve_model_base_mode(model: nn.Module, targets: dict[str, nn.Module], bas
     return mode
 
 
+def loaded_base_mode(model: nn.Module, targets: dict[str, nn.Module], recorded: str) -> str:
+    """The mode an adapter whose file records ``recorded`` is rebuilt in on ``targets`` of ``model``.
+
+    The recorded mode is a record of how the adapter was trained, not a request: both modes compute the same
+    function ``W - R + dW``. A recorded ``"in_place"`` becomes whatever ``"auto"`` picks for this base
+    (``resolve_model_base_mode``): ``"non_destructive"`` on a bf16/fp16, quantized or shared target weight, where
+    storing ``W - R`` in place would round it by about as much as ``R`` (or truncate a shared weight for every
+    user). A recorded ``"non_destructive"`` is kept."""
+    if recorded != "in_place":
+        return recorded
+    return resolve_model_base_mode(model, targets, "auto")
+
+
 def shared_weight_users(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, list[str]]:
     """For each target whose weight memory another module of ``model`` also holds (the same ``Parameter``, a
     tied weight, or an overlapping view), the qualified names of those other tensors; targets with a weight of
