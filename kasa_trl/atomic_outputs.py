@@ -15,10 +15,12 @@ standard library only, so the command line checks an output before it imports to
   ``mkstemp``: a link planted at a guessed name is never followed) and becomes the output in one rename; an
   existing output is swapped out atomically (Linux ``renameat2(RENAME_EXCHANGE)``; elsewhere two renames, the old
   output parked in another exclusive sibling in between), then deleted.
-- The temporary siblings carry the writer's host and pid in their names. A later write to the same output that
-  finds one left by a dead writer (killed, ``kill -9``) deletes it, or restores the previous output a writer
-  killed between its two renames had parked, and says so in a warning; one whose writer may be alive, or that
-  was written on another host, is left alone and named.
+- Each writer holds an exclusive ``flock`` on its temporary siblings for its whole life (the kernel releases it
+  when the writer dies, however it dies, in whatever PID namespace it runs). The siblings also carry the writer's
+  host and pid in their names. A later write to the same output deletes a sibling only if it can take that lock
+  (no writer holds it) and it was written on this host by a process that no longer exists here, or restores the
+  previous output a writer killed between its two renames had parked, and says so in a warning; any other
+  sibling is left alone and named. Where the file system offers no ``flock`` the host and pid alone decide.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from .atomic_files import current_umask, fsync_directory, host_tag, process_alive
+
+try:  # POSIX; elsewhere only the host and pid in a temporary's name tell whether its writer is gone
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]  # None stands for "no flock on this OS"
 
 MANIFEST = ".kasa-trl-output.json"
 _WRITER = "kasa_trl"
@@ -214,7 +221,9 @@ def atomic_output_dir(
     """
     target = check_output_dir(out_dir, overwrite=overwrite, inputs=inputs)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_prefix(target), suffix=".tmp", dir=target.parent))
+    tmp, lock = _locked_temporary(
+        lambda: Path(tempfile.mkdtemp(prefix=_prefix(target), suffix=".tmp", dir=target.parent))
+    )
     try:
         yield tmp
         _write_manifest(tmp)
@@ -224,6 +233,8 @@ def atomic_output_dir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _release(lock)
 
 
 @contextlib.contextmanager
@@ -249,9 +260,7 @@ def atomic_output_file(
         raise FileExistsError(
             f"{path} exists and is not a {what} written by kasa_trl; move it away or choose another name"
         )
-    fd, name = tempfile.mkstemp(prefix=_prefix(target), suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp, lock = _locked_temporary(lambda: _new_file(target))
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -261,6 +270,64 @@ def atomic_output_file(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        _release(lock)
+
+
+def _new_file(target: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=_prefix(target), suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    return Path(name)
+
+
+# --- the writer's lock -------------------------------------------------------------------------------------
+
+
+def _locked_temporary(create: Callable[[], Path]) -> tuple[Path, int | None]:
+    """A new temporary from ``create()`` with this writer's exclusive lock on it (``None``: no flock here).
+
+    Between creating and locking, a cleaner may find the temporary unlocked and delete it; the writer then
+    holds the lock of a removed inode, so it checks the path still leads to what it locked, else starts over.
+    """
+    for _ in range(100):
+        path = create()
+        lock = _try_lock(path)
+        if lock is None:
+            return path, None
+        if lock >= 0:
+            try:
+                if os.path.samestat(os.fstat(lock), os.lstat(path)):
+                    return path, lock
+            except OSError:  # removed meanwhile
+                pass
+            os.close(lock)
+    raise OSError(f"cannot create a locked temporary next to {path}: removed by other processes each time")
+
+
+def _try_lock(path: Path) -> int | None:
+    """Take ``path``'s exclusive lock without waiting: the open descriptor holding it, ``-1`` if another process
+    holds it, ``None`` where flock is unavailable (no fcntl, or a file system without it)."""
+    if fcntl is None:
+        return None
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return -1
+    except OSError:  # e.g. ENOLCK / EOPNOTSUPP: a file system without flock
+        os.close(fd)
+        return None
+    return fd
+
+
+def _release(lock: int | None) -> None:
+    if lock is not None and lock >= 0:
+        os.close(lock)  # releases the flock
 
 
 def _prefix(target: Path) -> str:
@@ -280,15 +347,29 @@ def _move_into_place(tmp: Path, target: Path, *, overwrite: bool, shown: str) ->
             f"output directory {shown} was filled by someone else while writing; not replaced"
         )
     _check_replaceable(target, shown=shown)  # again: someone may have added files since the first check
-    if _exchange(tmp, target):
-        shutil.rmtree(tmp)  # now the previous output
-        return
-    # No atomic exchange here: park the old output in an exclusive sibling; a run killed in between leaves it
-    # for clean_stale to restore.
-    holder = Path(tempfile.mkdtemp(prefix=_prefix(target), suffix=".old", dir=target.parent))
-    os.replace(target, holder / target.name)
-    os.replace(tmp, target)
-    shutil.rmtree(holder)
+    # The previous output, once swapped to the temporary's name, must stay locked until it is deleted.
+    previous = _try_lock(target)
+    if previous == -1:
+        raise FileExistsError(
+            f"output directory {shown} is being replaced by another kasa_trl command; not replaced"
+        )
+    try:
+        if _exchange(tmp, target):
+            shutil.rmtree(tmp)  # now the previous output
+            return
+        # No atomic exchange here: park the old output in an exclusive sibling; a run killed in between leaves it
+        # for clean_stale to restore.
+        holder, lock = _locked_temporary(
+            lambda: Path(tempfile.mkdtemp(prefix=_prefix(target), suffix=".old", dir=target.parent))
+        )
+        try:
+            os.replace(target, holder / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(holder)
+        finally:
+            _release(lock)
+    finally:
+        _release(previous)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -323,9 +404,11 @@ def _renameat2() -> Callable[..., int] | None:
 def clean_stale(target: Path) -> list[str]:
     """Remove what killed writers of ``target`` left next to it; returns (and warns) what was done or left.
 
-    Only siblings whose names this module creates for ``target`` are considered, and only those created on this
-    host by a process that no longer exists, owned by this user, are deleted; a parked previous output whose
-    target is missing is renamed back into place instead.
+    Only siblings whose names this module creates for ``target`` are considered, and only those whose lock no
+    process holds (where flock works), created on this host by a process that no longer exists here, owned by this
+    user, are deleted; a parked previous output whose target is missing is renamed back into place instead. The
+    lock is what proves a writer gone: a writer in another PID namespace (another container sharing the volume
+    and the host name) is invisible to the pid check, but its lock is not.
     """
     pattern = re.compile(
         rf"^\.{re.escape(target.name)}\.kasa-trl-(?P<host>[A-Za-z0-9_]{{1,64}})-(?P<pid>\d+)-[a-z0-9_]{{8}}\.(?P<kind>tmp|old)$"
@@ -354,14 +437,22 @@ def _clean_one(path: Path, target: Path, pid: int, host: str, kind: str) -> str:
         return f"left {path} alone: written by kasa_trl on another host or by another user"
     if path.is_symlink() or not (path.is_dir() or path.is_file()):
         return f"left {path} alone: not a file or directory kasa_trl creates"
-    if process_alive(pid):
-        return f"left {path} alone: process {pid}, which may still be writing it, exists"
-    if kind == "old" and (path / target.name).is_dir() and not target.exists():
-        os.replace(path / target.name, target)
-        path.rmdir()
-        return f"restored the previous output {target}, which a killed kasa_trl process (pid {pid}) had moved aside"
-    shutil.rmtree(path) if path.is_dir() else path.unlink()
-    return f"removed {path}, left by a kasa_trl process (pid {pid}) killed while writing"
+    lock = _try_lock(path)
+    if lock == -1:
+        return f"left {path} alone: a kasa_trl process (pid {pid} where it runs) holds its lock and is still writing it"
+    try:
+        if lock is not None and not os.path.samestat(os.fstat(lock), os.lstat(path)):
+            return f"left {path} alone: it changed while being checked"
+        if process_alive(pid):
+            return f"left {path} alone: process {pid}, which may still be writing it, exists"
+        if kind == "old" and (path / target.name).is_dir() and not target.exists():
+            os.replace(path / target.name, target)
+            path.rmdir()
+            return f"restored the previous output {target}, which a killed kasa_trl process (pid {pid}) had moved aside"
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return f"removed {path}, left by a kasa_trl process (pid {pid}) killed while writing"
+    finally:
+        _release(lock)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -374,5 +465,15 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _make_shareable(root: Path) -> None:
-    # mkdtemp creates the directory 0o700; give the output the permissions a plain mkdir would have.
-    os.chmod(root, 0o777 & ~current_umask())
+    """Give the output the permissions a plain mkdir and write would have: ``mkdtemp`` creates the directory 0o700
+    and some writers (safetensors) create files 0o600; directories get ``0o777 & ~umask``, files ``0o666 & ~umask``
+    (keeping an executable bit a writer set)."""
+    umask = current_umask()
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            os.chmod(path, 0o777 & ~umask)
+        elif path.is_file():
+            executable = path.stat().st_mode & 0o111
+            os.chmod(path, (0o666 | (0o111 if executable else 0)) & ~umask)
