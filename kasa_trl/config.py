@@ -29,6 +29,8 @@ LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
 # exclude_modules select); the others (dropout, the regularizers, how R is computed) only shape training.
 MODEL_FIELDS = ("r", "lora_alpha", "use_rslora", "base_mode", "truncation")
 TRAINING_FIELDS = ("lora_dropout", "regularizers", "regularizer_reduction")
+# The scalings check_scaling accepts: the square root of float32's normal range, about 5.4e-20 to 1.8e19.
+SCALING_RANGE = (1.0 / math.sqrt(torch.finfo(torch.float32).max), math.sqrt(torch.finfo(torch.float32).max))
 
 
 def _default_regularizers() -> dict[str, float]:
@@ -96,7 +98,24 @@ class KaSAConfig:
 
     def __setattr__(self, name: str, value: Any) -> None:
         check = _FIELD_CHECKS.get(name)
-        super().__setattr__(name, check(name, value) if check is not None else value)
+        if check is not None:
+            value = check(name, value)
+        if name in _SCALING_FIELDS:
+            # Checked once all three are set (construction sets them in field order), before storing the value.
+            scaling_fields = {key: self.__dict__.get(key) for key in _SCALING_FIELDS} | {name: value}
+            if all(v is not None for v in scaling_fields.values()):
+                check_scaling(**scaling_fields)
+        super().__setattr__(name, value)
+
+    def validate(self) -> None:
+        """Re-run every field check on the values held now, with the same messages as on assignment.
+
+        The list and dict fields can be changed in place (``config.target_modules.append(...)``,
+        ``config.regularizers[name] = w``), which no assignment check sees; ``to_dict`` (so every adapter
+        writer) and ``apply_kasa`` call this, so such a change is refused before it is used or written.
+        """
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name))
 
     @property
     def scaling(self) -> float:
@@ -112,7 +131,9 @@ class KaSAConfig:
         return max(0, min(out_features, in_features) - (in_features - self.r))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict, with the format version."""
+        """JSON-ready dict, with the format version; the config is checked first (``validate``), so what it
+        returns always reads back with ``from_dict``."""
+        self.validate()
         return {"kasa_config_version": CONFIG_FORMAT_VERSION, **dataclasses.asdict(self)}
 
     @classmethod
@@ -159,6 +180,26 @@ def lora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
     """The factor of the update ``dW = scaling * B diag(sigma) A``: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)``
     with rsLoRA (as LoRA and PEFT)."""
     return lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+
+def check_scaling(lora_alpha: float, r: int, use_rslora: bool) -> None:
+    """Refuse a ``lora_alpha`` whose scaling (``lora_scaling``) lies outside ``SCALING_RANGE``.
+
+    The scaling multiplies the adapter's output and every adapter gradient in float32 (the adapter's dtype):
+    1e38 overflows as soon as a singular value exceeds 3.4, and 1e-38 leaves the gradients 0 or subnormal, so
+    training changes nothing. Keeping it within the square root of float32's range (about 5.4e-20 to 1.8e19)
+    leaves the other half of the exponent range to the factors and activations.
+    """
+    scaling = lora_scaling(lora_alpha, r, use_rslora)
+    low, high = SCALING_RANGE
+    if not low <= scaling <= high:
+        denominator = f"sqrt(r={r})" if use_rslora else f"r={r}"
+        raise ValueError(
+            f"lora_alpha={lora_alpha!r} gives scaling = lora_alpha / {denominator} = {scaling:.3g}, outside "
+            f"[{low:.3g}, {high:.3g}]: in float32 so large a scaling makes the adapter's output inf/NaN and so small "
+            "a one makes it and every adapter gradient 0; pass a lora_alpha of the order of r (PEFT's usual "
+            "choice is lora_alpha=2*r)"
+        )
 
 
 def resolve_base_mode(base_mode: str, weight_dtypes: Iterable[torch.dtype]) -> str:
@@ -238,7 +279,11 @@ def _check_r(name: str, value: object) -> int:
 
 
 def _check_alpha(name: str, value: object) -> float:
-    if not _is_real(value) or not math.isfinite(value) or value <= 0:
+    try:
+        finite = _is_real(value) and math.isfinite(float(value))
+    except OverflowError:  # an int or Fraction beyond the float range
+        finite = False
+    if not finite or cast(numbers.Real, value) <= 0:
         raise ValueError(
             f"{name} must be a positive number, got {value!r}: pass a finite value > 0 (scaling = {name} / r; "
             f"PEFT's usual choice is {name}=2*r)"
@@ -299,6 +344,9 @@ def _check_optional_targets(name: str, value: object) -> list[str] | str | None:
 def _check_regularizers(name: str, value: object) -> dict[str, float]:
     return validate_regularizer_weights(cast(Mapping[str, float], value))  # it checks what it gets
 
+
+# The fields the scaling depends on (check_scaling).
+_SCALING_FIELDS = ("lora_alpha", "r", "use_rslora")
 
 _FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "r": _check_r,

@@ -67,6 +67,7 @@ def apply_kasa(model: nn.Module, config: KaSAConfig, *, decomposer: Decomposer |
         raise TypeError(f"config must be a kasa_trl.KaSAConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    config.validate()  # a list/dict field changed in place skipped the assignment checks
     existing = kasa_layers(model)
     if existing:
         raise ValueError(
@@ -165,9 +166,9 @@ def _build_layers(
                 # Gathered so the layer can fingerprint and truncate the whole weight; rank 0's result is
                 # re-partitioned on exit (every rank computed the same one from the same factors).
                 with gathered([weight], modifier_rank=0 if in_place else None):
-                    layers[name] = KaSALinear(module, left, right, **layer_args)
+                    layers[name] = _layer(name, module, left, right, layer_args)
             else:  # whole, or ZeRO-3 with a known fingerprint: each rank truncates its own partition
-                layers[name] = KaSALinear(module, left, right, **layer_args)
+                layers[name] = _layer(name, module, left, right, layer_args)
     except BaseException:
         for layer in reversed(layers.values()):
             weight = layer.base_layer.weight
@@ -175,6 +176,17 @@ def _build_layers(
                 layer.restore_base()
         raise
     return layers
+
+
+def _layer(
+    name: str, module: nn.Module, left: torch.Tensor, right: torch.Tensor, layer_args: dict[str, Any]
+) -> KaSALinear:
+    """``KaSALinear(module, left, right, **layer_args)``, its errors naming the target ``name`` (the layer's
+    checks name only "KaSALinear")."""
+    try:
+        return KaSALinear(module, left, right, **layer_args)
+    except ValueError as error:
+        raise ValueError(str(error).replace("KaSALinear", name, 1)) from None
 
 
 def _warn_low_precision_in_place(

@@ -1,0 +1,102 @@
+"""Hostile-user findings on configs and training (h12: B1, B5, B7, B10, B11, B13)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kasa_trl import KaSAConfig, apply_kasa, kasa_layers, save_kasa_adapter
+from kasa_trl.config import SCALING_RANGE
+from kasa_trl.tiny import build_tiny_llama
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- B1: list/dict fields changed in place are checked where the config is used ---------------------------------
+
+
+def _mutated_targets() -> KaSAConfig:
+    cfg = KaSAConfig(r=4, base_mode="in_place", target_modules=["q_proj"])
+    cfg.target_modules.append("v_proj[")  # type: ignore[union-attr]
+    return cfg
+
+
+def _mutated_regularizers() -> KaSAConfig:
+    cfg = KaSAConfig(r=4, base_mode="in_place", target_modules=["q_proj"])
+    cfg.regularizers["orthogonality"] = float("nan")
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (_mutated_targets, r"target_modules entry 'v_proj\[' is not a module name"),
+        (_mutated_regularizers, "orthogonality"),
+    ],
+)
+def test_config_changed_in_place_is_refused_by_validate_to_dict_and_apply(make, message):
+    with pytest.raises(ValueError, match=message):
+        make().validate()
+    with pytest.raises(ValueError, match=message):
+        make().to_dict()
+    model = build_tiny_llama(100)
+    before = _state(model)
+    with pytest.raises(ValueError, match=message):
+        apply_kasa(model, make())
+    assert not kasa_layers(model) and _same(before, _state(model))
+
+
+def test_config_changed_in_place_after_apply_is_refused_by_save(tmp_path):
+    model = build_tiny_llama(100)
+    apply_kasa(model, KaSAConfig(r=4, base_mode="in_place", target_modules=["q_proj"]))
+    model.kasa_config.regularizers["orthogonality"] = float("nan")
+    with pytest.raises(ValueError, match="orthogonality"):
+        save_kasa_adapter(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_validate_keeps_a_valid_config():
+    cfg = KaSAConfig(r=4, target_modules=["q_proj", "v_proj"], regularizers={"orthogonality": 0.5})
+    cfg.validate()
+    assert cfg == KaSAConfig(r=4, target_modules=["q_proj", "v_proj"], regularizers={"orthogonality": 0.5})
+    assert KaSAConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# -- B5, B7: the scaling must stay within float32's usable range ------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", [1e39, 1e38, 10**300, 1e-300, 1e-30])
+def test_lora_alpha_whose_scaling_float32_cannot_carry_is_refused(alpha):
+    with pytest.raises(ValueError, match=r"lora_alpha=.* gives scaling = lora_alpha / r=4"):
+        KaSAConfig(r=4, lora_alpha=alpha)
+
+
+def test_lora_alpha_beyond_the_float_range_names_the_field():
+    with pytest.raises(ValueError, match="lora_alpha must be a positive number"):
+        KaSAConfig(lora_alpha=10**400)
+
+
+def test_scaling_checked_on_assignment_of_r_alpha_and_rslora():
+    cfg = KaSAConfig(r=4, lora_alpha=4e19)
+    with pytest.raises(ValueError, match=r"lora_alpha / r=1 "):
+        cfg.r = 1
+    with pytest.raises(ValueError, match=r"lora_alpha / sqrt\(r=4\)"):
+        cfg.use_rslora = True
+    with pytest.raises(ValueError, match="gives scaling"):
+        cfg.lora_alpha = 1e-25
+    assert (cfg.r, cfg.lora_alpha, cfg.use_rslora) == (4, 4e19, False)
+
+
+def test_scaling_range_edges_are_accepted():
+    low, high = SCALING_RANGE
+    assert math.isclose(low * high, 1.0)
+    assert KaSAConfig(r=1, lora_alpha=high).scaling == high
+    assert KaSAConfig(r=1, lora_alpha=low).scaling == low
