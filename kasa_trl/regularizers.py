@@ -122,10 +122,19 @@ def evaluate_regularizer(
 ) -> torch.Tensor:
     """``fn(lora_A, lora_B, lora_diag)`` as a 0-dim floating tensor on the factors' device; anything else a
     regularizer may return (a Python number, an integer or non-scalar tensor, a tensor cut from the factors'
-    graph when ``needs_grad``) is a ``TypeError`` naming the regularizer and ``layer``. Checks metadata only:
-    no device synchronization."""
-    value = fn(lora_A, lora_B, lora_diag)
+    graph when ``needs_grad``) is a ``TypeError`` naming the regularizer and ``layer``; an exception it raises
+    is re-raised as a ``RuntimeError`` naming them too (chained to the original; out-of-memory errors pass as they
+    are). Checks metadata only: no device synchronization."""
     where = f"regularizer {name!r} ({_qualname(fn)}) on {layer}"
+    try:
+        value = fn(lora_A, lora_B, lora_diag)
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        raise  # kept as they are: callers recognize them by type (e.g. to retry with a smaller batch)
+    except Exception as error:
+        raise RuntimeError(
+            f"{where} raised {type(error).__name__}: {error}; fix the regularizer, or drop {name!r} from "
+            "KaSAConfig.regularizers"
+        ) from error
     if not isinstance(value, torch.Tensor):
         raise TypeError(
             f"{where} returned {value!r} ({type(value).__name__}); it must return a scalar torch.Tensor computed "

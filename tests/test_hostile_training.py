@@ -100,3 +100,30 @@ def test_scaling_range_edges_are_accepted():
     assert math.isclose(low * high, 1.0)
     assert KaSAConfig(r=1, lora_alpha=high).scaling == high
     assert KaSAConfig(r=1, lora_alpha=low).scaling == low
+
+
+# -- B11: a regularizer that raises is named, with the layer -----------------------------------------------------
+
+
+def test_regularizer_that_raises_names_itself_and_the_layer():
+    from kasa_trl import kasa_regularization, register_regularizer, unregister_regularizer
+
+    def raises(lora_A, lora_B, lora_diag):
+        raise KeyError("oops")
+
+    register_regularizer("test_hostile_raises")(raises)
+    try:
+        model = build_tiny_llama(100)
+        apply_kasa(
+            model, KaSAConfig(r=4, target_modules=["q_proj"], regularizers={"test_hostile_raises": 1.0})
+        )
+        before = _state(model)
+        with pytest.raises(
+            RuntimeError,
+            match=r"regularizer 'test_hostile_raises' .* on model\.layers\.0\.self_attn\.q_proj raised KeyError: 'oops'",
+        ) as info:
+            kasa_regularization(model)
+        assert isinstance(info.value.__cause__, KeyError)
+        assert _same(before, _state(model))
+    finally:
+        unregister_regularizer("test_hostile_raises")
