@@ -99,9 +99,16 @@ def base_deviation(
 
 def _probe(weight: torch.Tensor, removed_right: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The fingerprint of ``weight`` (out, in) and, in the same product, ``W @ removed_right^T`` (out, n) in
-    float64 (n = 0 without ``removed_right``)."""
+    float64 (n = 0 without ``removed_right``).
+
+    ``W`` is scaled by ``2**-e`` first (its largest entry in [0.5, 1)): exact, so the products and the norm cannot
+    overflow whatever the entries' size, and the results are the unscaled ones bit for bit (up to entries below
+    ``2**-126`` of the largest); the float64 results are scaled back by ``2**e``. Where they do not fit float64
+    (entries near float64's largest), they are infinite: ``check_fingerprint`` refuses such a weight."""
     w = weight.detach()
     w = w.to(_compute_dtype(w))
+    exponent = _scale_exponent(w)
+    w = _times_power_of_two(w, -exponent)
     out_features, in_features = w.shape
     gen = torch.Generator(device="cpu").manual_seed(0x4B615341)  # "KaSA"
     probe_right = torch.randn(in_features, N_PROBES, generator=gen, dtype=torch.float64)
@@ -112,7 +119,36 @@ def _probe(weight: torch.Tensor, removed_right: torch.Tensor | None) -> tuple[to
     products = (w @ columns.to(w.device, w.dtype)).to(torch.float64)  # (out, N_PROBES + n)
     projections = (probe_left * products[:, :N_PROBES]).sum(dim=0) / math.sqrt(out_features * in_features)
     norm = torch.linalg.vector_norm(w).to(torch.float64).reshape(1)
-    return torch.cat([projections, norm]).cpu(), products[:, N_PROBES:]
+    fingerprint = _times_power_of_two(torch.cat([projections, norm]), exponent)
+    return fingerprint.cpu(), _times_power_of_two(products[:, N_PROBES:], exponent)
+
+
+def check_fingerprint(fingerprint: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
+    """Raise ValueError, naming ``what``, if ``fingerprint`` (of a weight of ``shape``) is not finite: the weight's
+    Frobenius norm (or a projection) does not fit float64, so an adapter of it could not be saved."""
+    if bool(torch.isfinite(fingerprint).all()):
+        return
+    raise ValueError(
+        f"{what}: the fingerprint of this {'x'.join(map(str, shape))} weight does not fit float64 (its Frobenius "
+        f"norm exceeds {torch.finfo(torch.float64).max:.3g}), so its adapter could not be saved; scale the weight "
+        "down before adapting it"
+    )
+
+
+def _scale_exponent(w: torch.Tensor) -> int:
+    """``e`` with ``w``'s largest absolute entry in [2**(e-1), 2**e) (0 for an all-zero or non-finite ``w``)."""
+    largest = float(torch.linalg.vector_norm(w, float("inf"))) if w.numel() else 0.0
+    if largest == 0.0 or not math.isfinite(largest):
+        return 0
+    return math.frexp(largest)[1]
+
+
+def _times_power_of_two(t: torch.Tensor, exponent: int) -> torch.Tensor:
+    """``t * 2**exponent``, exact, in two steps (``2**-1074`` or ``2**1024`` alone is not a normal float64)."""
+    if exponent == 0:
+        return t
+    half = exponent // 2
+    return t * math.ldexp(1.0, half) * math.ldexp(1.0, exponent - half)
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:

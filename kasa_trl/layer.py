@@ -25,7 +25,7 @@ from torch.profiler import record_function
 from .config import RESOLVED_BASE_MODES, lora_scaling
 from .distributed import is_partitioned, truncate_partition
 from .factors import removed_float64, truncate
-from .fingerprint import weight_fingerprint
+from .fingerprint import check_fingerprint, weight_fingerprint
 from .quantized import in_place_refusal, is_quantized_layer, write_refusal
 from .stacked import stacked_down, stacked_up
 from .weights import (
@@ -200,6 +200,7 @@ class KaSALinear(nn.Module):
         self.base_fingerprint = (
             base_fingerprint if base_fingerprint is not None else weight_fingerprint(weight)
         )
+        check_fingerprint(self.base_fingerprint, (self.out_features, self.in_features), "KaSALinear")
         self.reset_parameters()
         if base_mode == "in_place":
             # A profiler scope per truncation (what a benchmark times without patching the library).

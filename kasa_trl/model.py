@@ -27,6 +27,7 @@ from torch import nn
 from .config import LOW_PRECISION_DTYPES, KaSAConfig
 from .distributed import broadcast_adapters, gathered, is_partitioned, rank_and_world, writable_partition
 from .factors import removed_float64, subtract_removed
+from .fingerprint import check_fingerprint, weight_fingerprint
 from .layer import KaSALinear, check_removed_factors
 from .shared_weights import config_for_targets
 from .target_decomposition import Decomposer, decompose_targets, sharded_decompose
@@ -145,12 +146,13 @@ def _build_layers(
 ) -> dict[str, KaSALinear]:
     """A ``KaSALinear`` per target (truncating the weight in in_place mode); on failure the truncations done so
     far are undone (within one rounding of the base dtype) before the error propagates."""
+    fingerprints = _base_fingerprints(targets, factors)  # checked before any weight is truncated
     layers: dict[str, KaSALinear] = {}
     in_place = config.base_mode == "in_place"
     try:
         for name, module in targets.items():
-            left, right, *known = factors[name]  # the sharded decomposer also returns the fingerprint
-            fingerprint = known[0] if known else None
+            left, right = factors[name][:2]
+            fingerprint = fingerprints.get(name)
             layer_args: dict[str, Any] = dict(
                 r=config.r,
                 lora_alpha=config.lora_alpha,
@@ -166,9 +168,9 @@ def _build_layers(
                 # Gathered so the layer can fingerprint and truncate the whole weight; rank 0's result is
                 # re-partitioned on exit (every rank computed the same one from the same factors).
                 with gathered([weight], modifier_rank=0 if in_place else None):
-                    layers[name] = _layer(name, module, left, right, layer_args)
+                    layers[name] = KaSALinear(module, left, right, **layer_args)
             else:  # whole, or ZeRO-3 with a known fingerprint: each rank truncates its own partition
-                layers[name] = _layer(name, module, left, right, layer_args)
+                layers[name] = KaSALinear(module, left, right, **layer_args)
     except BaseException:
         for layer in reversed(layers.values()):
             weight = layer.base_layer.weight
@@ -178,15 +180,22 @@ def _build_layers(
     return layers
 
 
-def _layer(
-    name: str, module: nn.Module, left: torch.Tensor, right: torch.Tensor, layer_args: dict[str, Any]
-) -> KaSALinear:
-    """``KaSALinear(module, left, right, **layer_args)``, its errors naming the target ``name`` (the layer's
-    checks name only "KaSALinear")."""
-    try:
-        return KaSALinear(module, left, right, **layer_args)
-    except ValueError as error:
-        raise ValueError(str(error).replace("KaSALinear", name, 1)) from None
+def _base_fingerprints(
+    targets: dict[str, nn.Module], factors: Mapping[str, tuple[torch.Tensor, ...]]
+) -> dict[str, torch.Tensor]:
+    """The fingerprint of each target's original weight (the sharded decomposer's, else computed here; a ZeRO-3
+    partitioned weight without one is fingerprinted by its layer, gathered), each checked to fit float64
+    (``check_fingerprint``, naming the target) before any layer truncates a weight."""
+    fingerprints = {}
+    for name, module in targets.items():
+        known = factors[name][2:]
+        if known:
+            fingerprints[name] = known[0]
+        elif not is_partitioned(stored_weight(module)):
+            fingerprints[name] = weight_fingerprint(base_weight(module))
+        if name in fingerprints:
+            check_fingerprint(fingerprints[name], weight_shape(module), name)
+    return fingerprints
 
 
 def _warn_low_precision_in_place(

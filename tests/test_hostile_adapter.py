@@ -45,3 +45,51 @@ def test_in_place_adapter_stays_in_place_on_an_fp32_base_and_non_destructive_is_
     base = build_tiny_llama(VOCAB, seed=0)
     load_kasa_adapter(base, adapter_nd)
     assert get_kasa_config(base).base_mode == "non_destructive"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale"), [(torch.float32, 2.0**60), (torch.float32, 2.0**122), (torch.float64, 2.0**515)]
+)
+def test_fingerprint_of_huge_finite_weights_is_finite_and_scales_exactly(dtype, scale):
+    from kasa_trl.fingerprint import base_deviation, weight_fingerprint
+
+    w = torch.randn(64, 48, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    base = weight_fingerprint(w)
+    huge = weight_fingerprint(w * scale)
+    assert torch.isfinite(huge).all()
+    assert torch.equal(huge, base * scale)  # 1e18, 5e36, 1e155: the scaling is exact
+    removed_left, removed_right = torch.zeros(64, 0, dtype=dtype), torch.zeros(0, 48, dtype=dtype)
+    assert base_deviation(w * scale, huge, removed_left, removed_right).matches
+
+
+def test_huge_fp32_weight_applies_and_saves_and_loads(tmp_path):
+    model = build_tiny_llama(VOCAB, seed=0)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.mul_(1e20)
+    fresh = [p.clone() for p in model.parameters()]
+    apply_kasa(model, KaSAConfig(r=4, target_modules=["q_proj"]))
+    save_kasa_adapter(model, tmp_path / "adapter")  # refused before: "the adapter factors have diverged"
+    base = build_tiny_llama(VOCAB, seed=0)
+    with torch.no_grad():
+        base.model.layers[0].self_attn.q_proj.weight.mul_(1e20)
+        assert all(torch.equal(p, q) for p, q in zip(base.parameters(), fresh, strict=True))
+    load_kasa_adapter(base, tmp_path / "adapter")
+
+
+def test_weight_whose_norm_does_not_fit_float64_is_refused_at_apply_naming_the_layer():
+    model = build_tiny_llama(VOCAB, seed=0).double()
+    with torch.no_grad():
+        weight = model.model.layers[1].self_attn.v_proj.weight
+        weight.copy_(
+            torch.randn(weight.shape, generator=torch.Generator().manual_seed(0), dtype=weight.dtype) * 1e307
+        )
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    with pytest.raises(
+        ValueError,
+        match=r"^model\.layers\.1\.self_attn\.v_proj: the fingerprint of this 32x64 weight does not fit float64 "
+        r"\(its Frobenius norm exceeds 1\.8e\+308\), so its adapter could not be saved; scale the weight down",
+    ):
+        apply_kasa(model, KaSAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert not kasa_layers(model)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(before[name], after[name]) for name in before)
