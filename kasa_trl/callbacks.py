@@ -62,7 +62,8 @@ class SpectrumCallback(TrainerCallback):
     - histograms ``train/kasa/spectrum/{lora_diag,singular_values}`` to TensorBoard / W&B when active.
     - one JSON line per record in ``jsonl_path``: ``{"step", "epoch", "layers": {name: {"lora_diag": [r],
       "singular_values": [r], "orthogonality_A", "orthogonality_B", "update_norm"}}}``, flushed each time
-      (truncated when training starts from step 0, appended to when resuming).
+      (truncated when training starts from step 0; when resuming from step s, records of steps after s, taken by
+      the run that went past the checkpoint, are dropped and new ones appended: one record per step).
     - at the end of training ``kasa_spectrum_over_steps.png`` (mean ``|sigma|``, ``||dW||_F`` and the
       orthogonality errors of every layer over steps) and ``kasa_spectrum_final.png`` (the final effective
       singular values: a layer x index heat map and a profile), both summarized over layers (median, 10-90%
@@ -119,10 +120,15 @@ class SpectrumCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._pending, self._last_step, self._history, self._warned = None, -1, [], False
-        if state.is_world_process_zero and state.global_step == 0:
-            path = self._jsonl_file(args)
+        if not state.is_world_process_zero:
+            return
+        path = self._jsonl_file(args)
+        if state.global_step == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("", encoding="utf-8")
+        elif path.exists():
+            # Resumed: the records an interrupted run took after this checkpoint are of abandoned steps.
+            drop_records_after(path, state.global_step)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -255,6 +261,33 @@ def _write_histograms(hists: dict[str, np.ndarray], step: int, callbacks: Sequen
 
 
 @torch.no_grad()
+def drop_records_after(path: Path, step: int) -> None:
+    """Rewrite the JSONL records file ``path`` (atomically: a temporary file renamed over it) without the records
+    of steps after ``step`` and without lines that are not complete records (a run killed mid-write); left as it is
+    when there is nothing to drop."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if (line_step := _record_step(line)) is not None and line_step <= step]
+    if len(kept) == len(lines) and all(line.endswith("\n") for line in lines):
+        return
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with temporary.open("w", encoding="utf-8") as f:
+            f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _record_step(line: str) -> int | None:
+    """The ``step`` of one JSONL record line, or None if it is not a complete record."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def _layer_record(layer: KaSALinear) -> dict[str, Any]:
     """One layer's spectrum, in float64: sigma, the effective singular values of dW, L3 terms and ||dW||_F."""
     a = layer.lora_A.detach().to(torch.float64)  # (r, in)

@@ -127,3 +127,49 @@ def test_regularizer_that_raises_names_itself_and_the_layer():
         assert _same(before, _state(model))
     finally:
         unregister_regularizer("test_hostile_raises")
+
+
+# -- B10: one spectrum record per step after a resume -------------------------------------------------------------
+
+
+def test_spectrum_records_after_the_resumed_step_are_dropped(tmp_path):
+    import json
+
+    from kasa_trl.callbacks import drop_records_after
+
+    path = tmp_path / "kasa_spectrum.jsonl"
+    records = [json.dumps({"step": s, "epoch": 0.1 * s, "layers": {}}) + "\n" for s in (1, 2, 3, 4)]
+    path.write_text("".join(records) + '{"step": 5, "ep', encoding="utf-8")  # a record torn by a kill
+    drop_records_after(path, 2)
+    assert path.read_text(encoding="utf-8") == "".join(records[:2])
+    drop_records_after(path, 2)  # nothing to drop: unchanged
+    assert path.read_text(encoding="utf-8") == "".join(records[:2])
+    assert [p.name for p in tmp_path.iterdir()] == ["kasa_spectrum.jsonl"]
+
+
+def test_spectrum_log_holds_one_record_per_step_after_resume(tmp_path):
+    import json
+
+    from trl import SFTConfig
+
+    from kasa_trl.callbacks import SpectrumCallback
+    from kasa_trl.tiny import build_tokenizer, load_tiny_dataset
+    from kasa_trl.trainer import KaSATrainer
+
+    tok = build_tokenizer()
+    ds = load_tiny_dataset("sft").select(range(8))
+    args = SFTConfig(
+        output_dir=str(tmp_path), max_steps=4, save_steps=2, logging_steps=1, per_device_train_batch_size=4,
+        report_to="none", use_cpu=True, max_length=32,
+    )  # fmt: skip
+
+    def trainer() -> KaSATrainer:
+        return KaSATrainer(
+            model=build_tiny_llama(len(tok)), args=args, train_dataset=ds, processing_class=tok,
+            kasa_config=KaSAConfig(r=4, target_modules=["q_proj"]), callbacks=[SpectrumCallback(plots=False)],
+        )  # fmt: skip
+
+    trainer().train()
+    trainer().train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    lines = (tmp_path / "kasa_spectrum.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
