@@ -31,6 +31,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .atomic_outputs import atomic_output_dir, check_output_dir
@@ -44,6 +45,9 @@ EXIT_FAILURE, EXIT_USAGE = 1, 2
 _ADAPTER_FILE = "kasa_adapter.safetensors"
 _DTYPES = ("float32", "bfloat16", "float16")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+_UNREGISTERED_REGULARIZERS = r"adapter .* was trained with regularizers .* that are not registered here"
 
 
 class UsageError(Exception):
@@ -60,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
+            # Regularizers matter for training only: an unregistered one is irrelevant to every command here.
+            warnings.filterwarnings("ignore", message=_UNREGISTERED_REGULARIZERS)
             args.run(args)
     except KeyboardInterrupt:
         _error("interrupted")
@@ -171,7 +177,7 @@ def _export_lora(args: argparse.Namespace) -> None:
     adapter = _check_adapter_dir(args.adapter_dir)
     base = _base(args, adapter)
     out = _check_out_dir(args.out_dir, args.overwrite, _inputs(adapter, base))
-    import torch
+    torch = _quiet_libraries()
 
     from .integrations.peft import VLLM_MAX_LORA_RANKS, export_lora
 
@@ -198,13 +204,16 @@ def _export_lora(args: argparse.Namespace) -> None:
     vllm_rank = next((v for v in VLLM_MAX_LORA_RANKS if v >= rank), None)
     print(f"wrote a rank-{rank} LoRA adapter for the ORIGINAL base to {out}")
     if vllm_rank is not None:
-        print(f"vLLM: vllm serve BASE --enable-lora --max-lora-rank {vllm_rank} --lora-modules NAME={out}")
+        print(
+            f"vLLM: vllm serve {base or 'BASE'} --enable-lora --max-lora-rank {vllm_rank} --lora-modules NAME={out}"
+        )
 
 
 def _export_peft_kasa(args: argparse.Namespace) -> None:
     adapter = _check_adapter_dir(args.adapter_dir)
     base = _base(args, adapter)
     out = _check_out_dir(args.out_dir, args.overwrite, _inputs(adapter, base))
+    _quiet_libraries()
     from .integrations.peft import export_peft_kasa
 
     export_peft_kasa(
@@ -223,7 +232,7 @@ def _merge(args: argparse.Namespace) -> None:
     origin = "" if args.base else " (recorded in the adapter; pass --base to use another copy)"
     inputs = _inputs(adapter, base)
     out = _check_out_dir(args.out_dir, args.overwrite, inputs)
-    import torch
+    torch = _quiet_libraries()
     from transformers import AutoModelForCausalLM
 
     from .adapter_io import load_kasa_adapter, read_adapter_info
@@ -257,7 +266,9 @@ def _merge(args: argparse.Namespace) -> None:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     note = "" if tokenizer is not None else " (no tokenizer found to copy)"
-    print(f"merged {n_layers} KaSA layers into {base} and saved the model to {out}{note}")
+    print(
+        f"loaded {base}, merged {n_layers} KaSA layers, saved the merged model to {out}{note}; {base} is unchanged"
+    )
 
 
 def _kinds(quantization: dict[str, Any]) -> str:
@@ -293,6 +304,20 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
+
+
+def _quiet_libraries() -> ModuleType:
+    """Import torch for a command that loads or saves models, without the libraries' noise on its output: no
+    load/save progress bars, and DeepSpeed (which transformers' save path imports when installed) told it runs on
+    the CPU when there is no CUDA, instead of warning that it could not detect an accelerator. Returns torch."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    transformers_logging.disable_progress_bar()
+    return torch
 
 
 def _find_tokenizer(adapter: Path, base: str) -> PreTrainedTokenizerBase | None:

@@ -87,3 +87,100 @@ def test_outputs_get_the_permissions_of_a_plain_write(tmp_path):
     assert stat.S_IMODE((out / "sub" / "f").stat().st_mode) == 0o666 & ~umask
     assert stat.S_IMODE((out / "sub").stat().st_mode) == 0o777 & ~umask
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+
+
+# --- h13: a moved output folder, the merge message, the noise ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moved_run(tmp_path_factory):
+    """An output folder (adapter + base/) recording its base by absolute path, copied elsewhere, original gone."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kasa_trl import KaSAConfig, apply_kasa, register_regularizer, save_kasa_adapter
+    from kasa_trl.regularizers import registered_regularizers
+    from kasa_trl.tiny import build_tiny_llama, build_tokenizer
+
+    from .conftest import randomize_adapters
+
+    root = tmp_path_factory.mktemp("moved")
+    run = root / "run"
+    tokenizer = build_tokenizer()
+    build_tiny_llama(len(tokenizer), seed=0).save_pretrained(run / "base")
+    tokenizer.save_pretrained(run / "base")
+    build_tiny_llama(len(tokenizer), seed=1).save_pretrained(root / "other_base")
+    name = "h13_training_only"
+    if name not in registered_regularizers():
+        register_regularizer(name)(lambda A, B, diag: diag.pow(2).sum())
+    config = KaSAConfig(r=3, lora_alpha=6, regularizers={name: 0.1})
+    model = apply_kasa(AutoModelForCausalLM.from_pretrained(str(run / "base")), config)
+    randomize_adapters(model, seed=5)
+    save_kasa_adapter(model, run)
+    shutil.copytree(run, root / "moved")
+    run.rename(root / "gone")
+    torch.manual_seed(0)
+    return root
+
+
+def test_a_moved_output_folder_uses_the_base_beside_it(moved_run, capsys, monkeypatch):
+    import kasa_trl.adapter_files as adapter_files
+    from kasa_trl import cli
+
+    moved = moved_run / "moved"
+    recorded = str(moved_run / "run" / "base")
+    # merge reads the adapter where a training-only regularizer is not registered: no warning about it either.
+    monkeypatch.setattr(adapter_files, "registered_regularizers", lambda: ())
+    assert cli.main(["merge", str(moved), str(moved_run / "merged")]) == 0
+    captured = capsys.readouterr()
+    warnings_ = [line for line in captured.err.splitlines() if line.startswith("kasa-trl: warning: ")]
+    assert warnings_ == [
+        f"kasa-trl: warning: the recorded base {recorded} does not exist (moved or copied output?); using "
+        f"{moved / 'base'}, next to the adapter (its weights are checked against the adapter)"
+    ], captured.err
+    assert "Setting accelerator to CPU" not in captured.err + captured.out
+    assert captured.out.strip().splitlines()[-1] == (
+        f"loaded {moved / 'base'}, merged 14 KaSA layers, saved the merged model to {moved_run / 'merged'}; "
+        f"{moved / 'base'} is unchanged"
+    )
+    assert (moved_run / "merged" / "config.json").is_file()
+
+
+def test_a_base_given_for_a_vanished_recorded_path_needs_no_force_but_its_weights_are_checked(
+    moved_run, capsys
+):
+    from kasa_trl import cli
+
+    moved = moved_run / "moved"
+    out = moved_run / "lora"
+    assert cli.main(["export-lora", str(moved), str(out), "--base", str(moved / "base")]) == 0
+    printed = capsys.readouterr().out
+    assert f"vllm serve {moved / 'base'} --enable-lora" in printed
+    # Other weights under the given name: refused by the weights check, nothing written.
+    wrong = moved_run / "lora_wrong"
+    code = cli.main(["export-lora", str(moved), str(wrong), "--base", str(moved_run / "other_base")])
+    error = capsys.readouterr().err
+    assert code == 2 and "kasa-trl: error: the adapter does not fit base model" in error, error
+    assert not wrong.exists()
+
+
+def test_the_merge_command_prints_no_library_noise(moved_run):
+    # A real process, as a user runs it: no DeepSpeed accelerator warning, no progress bars.
+    env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = moved_run / "merged_subprocess"
+    result = subprocess.run(
+        [sys.executable, "-m", "kasa_trl.cli", "merge", str(moved_run / "moved"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    # Only the moved-base warning (the training-only regularizer, unregistered there, is not mentioned) and the result.
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
+    assert result.stderr.startswith("kasa-trl: warning: the recorded base"), result.stderr
+    assert result.stdout.strip().splitlines() == [result.stdout.strip()], result.stdout
+    assert result.stdout.startswith("loaded "), result.stdout

@@ -94,12 +94,29 @@ def resolve_base(
     """The base model to use with a saved adapter: ``given``, else the one the adapter records (``None`` if
     neither names one).
 
+    A moved or copied output folder: when the recorded base is a local path that no longer exists, the folder
+    ``<adapter_directory>/base`` (where the examples and the trainer save it) is used instead, with a warning;
+    and a ``given`` local directory is accepted in place of a vanished recorded path without ``force``. Either
+    way the weights are still checked against the adapter (the exporters and ``load_kasa_adapter`` do).
+
     Raises:
-        ValueError: ``given`` names another base than the recorded one and ``force`` is false. The same model
-            under two names (a hub id and a local copy) is one case of it; ``force`` then uses ``given``, whose
-            weights are still checked against the adapter where they are available.
+        ValueError: ``given`` names another base than the recorded one (which still exists, or is a hub id) and
+            ``force`` is false. The same model under two names (a hub id and a local copy) is one case of it;
+            ``force`` then uses ``given``, whose weights are still checked against the adapter where they are
+            available.
     """
     recorded = read_adapter_info(adapter_directory).base_model_name_or_path
+    if recorded is not None and _vanished_path(recorded):
+        beside = Path(adapter_directory) / "base"
+        if given is None and beside.is_dir():
+            warnings.warn(
+                f"the recorded base {recorded} does not exist (moved or copied output?); using {beside}, "
+                "next to the adapter (its weights are checked against the adapter)",
+                stacklevel=2,
+            )
+            return str(beside)
+        if given is not None and os.path.isdir(given):
+            return given  # the recorded path is gone: the weights check decides
     if given is None or recorded is None or _same_model(given, recorded):
         return given if given is not None else recorded
     if force:
@@ -108,6 +125,11 @@ def resolve_base(
         f"the adapter at {adapter_directory} was trained on base model {recorded!r}, not {given!r}; drop the base "
         "argument to use the recorded one, or force it (--force-base, force_base=True) if it names the same weights"
     )
+
+
+def _vanished_path(name: str) -> bool:
+    """Whether a recorded base names a local path (absolute or ./ ../) that does not exist (not a hub id)."""
+    return (os.path.isabs(name) or name.startswith(("./", "../"))) and not os.path.exists(name)
 
 
 def _same_model(a: str, b: str) -> bool:
