@@ -107,7 +107,14 @@ def write_adapter(
         check_quantization_record(base_quantization, layers, where, for_saving=True)
         metadata[BASE_QUANTIZATION_KEY] = json.dumps(base_quantization, sort_keys=True)
     created = not directory.exists()
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # the path, or a folder above it, is a file
+        blocking = next(p for p in (directory, *directory.parents) if p.exists() and not p.is_dir())
+        raise NotADirectoryError(
+            f"{where}: {blocking} is a file, not a directory (an adapter is a directory of {ADAPTER_FILE} and "
+            f"{CONFIG_FILE}); pass a directory path that does not exist yet or is a directory"
+        ) from None
     try:
         with directory_lock(directory, exclusive=True):
             remove_stale_temporaries(directory, (ADAPTER_FILE, CONFIG_FILE))

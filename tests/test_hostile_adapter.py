@@ -1,6 +1,8 @@
 """Adapter bugs found by the h12 hostile review (B3, B4, B12): loading onto a 16-bit base, huge weights, an
 existing file as the save directory."""
 
+import re
+
 import pytest
 import torch
 
@@ -93,3 +95,21 @@ def test_weight_whose_norm_does_not_fit_float64_is_refused_at_apply_naming_the_l
     assert not kasa_layers(model)
     after = dict(model.named_parameters())
     assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_saving_to_an_existing_file_names_the_path_and_the_fix(tmp_path, inside):
+    model = build_tiny_llama(VOCAB, seed=0)
+    apply_kasa(model, KaSAConfig(r=4, target_modules=["q_proj"]))
+    blocking = tmp_path / "notes.txt"
+    blocking.write_text("mine")
+    target = blocking / "adapter" if inside else blocking
+    with pytest.raises(
+        NotADirectoryError,
+        match=rf"^not saving the adapter to {re.escape(str(target))}: {re.escape(str(blocking))} is a file, not a directory \(an adapter is a "
+        r"directory of kasa_adapter\.safetensors and kasa_config\.json\); pass a directory path that does not "
+        r"exist yet or is a directory$",
+    ):
+        save_kasa_adapter(model, target)
+    assert blocking.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
