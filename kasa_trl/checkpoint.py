@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -30,6 +31,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
+# The first byte of a file torch.save wrote in its legacy (pickle) format: a pickle PROTO opcode.
+_LEGACY_TORCH_MAGIC = b"\x80"
 SCHEDULER_FILE = "scheduler.pt"
 DEEPSPEED_LATEST_FILE = "latest"  # DeepSpeed's save_checkpoint: names the tag directory it wrote last
 
@@ -72,6 +75,24 @@ def missing_training_state(path: str | os.PathLike[str]) -> list[str]:
     if not any(directory.glob("rng_state*.pth")):
         missing.append("the RNG state (rng_state*.pth)")
     return missing
+
+
+def unreadable_training_state(path: str | os.PathLike[str]) -> list[str]:
+    """The optimizer, scheduler and RNG state files of ``path`` that exist but are cut short, each with the reason.
+
+    ``torch.save`` writes a zip archive whose directory is its last part, so a file whose save was killed or ran
+    out of disk is no readable zip; only that directory is read (cheap at any size), not every byte. A file in
+    torch's legacy (pre-1.6, pickle) format is not checked.
+    """
+    directory = Path(path)
+    files = [directory / name for name in (*OPTIMIZER_FILES, SCHEDULER_FILE)]
+    files += sorted(directory.glob("rng_state*.pth"))
+    unreadable = []
+    for file in files:
+        reason = _torch_file_problem(file) if file.is_file() else None
+        if reason is not None:
+            unreadable.append(f"{file.name} is unreadable ({reason})")
+    return unreadable
 
 
 def last_complete_checkpoint(
@@ -142,7 +163,24 @@ def _check_adapter(directory: Path) -> str | None:
 
 def _check_training_state(directory: Path) -> str | None:
     missing = missing_training_state(directory)
-    return f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing" if missing else None
+    if missing:
+        return f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
+    unreadable = unreadable_training_state(directory)
+    return "; ".join(unreadable) if unreadable else None
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete ``torch.save`` file, or ``None`` (see ``unreadable_training_state``)."""
+    try:
+        with path.open("rb") as f:
+            if f.read(1) == _LEGACY_TORCH_MAGIC:
+                return None
+        with zipfile.ZipFile(path) as archive:
+            if not archive.namelist():
+                return "an empty archive"
+    except (OSError, zipfile.BadZipFile) as e:
+        return f"not a complete torch.save archive, the save was cut short: {e}"
+    return None
 
 
 def _has_deepspeed_checkpoint(directory: Path) -> bool:

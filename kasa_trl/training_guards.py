@@ -18,7 +18,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.utils import is_peft_available
 
 from .adapter_io import read_adapter
-from .checkpoint import incomplete_reason, missing_training_state
+from .checkpoint import incomplete_reason, missing_training_state, unreadable_training_state
 from .config import MODEL_FIELDS, TRAINING_FIELDS, KaSAConfig, config_differences, format_differences
 from .model import kasa_layers
 
@@ -102,7 +102,8 @@ def check_resumable(
 
     Refused: not a directory; not a complete checkpoint apart from the training state (``incomplete_reason``);
     an adapter of other model settings (``check_same_adapter``); no optimizer, scheduler or RNG state, unless the
-    run saves only the model (``save_only_model``), where it is a warning: the optimizer starts fresh.
+    run saves only the model (``save_only_model``), where it is a warning: the optimizer starts fresh; an optimizer,
+    scheduler or RNG state file cut short (``unreadable_training_state``), always.
     """
     if not Path(checkpoint).is_dir():
         raise ValueError(
@@ -118,6 +119,13 @@ def check_resumable(
         )
     saved, per_layer = read_adapter(checkpoint)
     check_same_adapter(checkpoint, saved, per_layer, model, config)
+    unreadable = unreadable_training_state(checkpoint)
+    if unreadable:
+        raise ValueError(
+            f"cannot resume from {checkpoint}: {'; '.join(unreadable)}. Resume from an earlier complete "
+            "checkpoint (kasa_trl.last_complete_checkpoint(output_dir) skips this one), or start a new run from "
+            "its adapter with load_kasa_adapter(model, path, is_trainable=True)"
+        )
     missing = missing_training_state(checkpoint)
     if missing and not save_only_model:
         raise ValueError(

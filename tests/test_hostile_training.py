@@ -173,3 +173,55 @@ def test_spectrum_log_holds_one_record_per_step_after_resume(tmp_path):
     trainer().train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     lines = (tmp_path / "kasa_spectrum.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+
+
+# -- B13: a checkpoint whose optimizer/scheduler/RNG file is cut short is not complete ------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from trl import SFTConfig
+
+    from kasa_trl.tiny import build_tokenizer, load_tiny_dataset
+    from kasa_trl.trainer import KaSATrainer
+
+    out = tmp_path_factory.mktemp("run")
+    tok = build_tokenizer()
+    args = SFTConfig(
+        output_dir=str(out), max_steps=2, save_steps=1, per_device_train_batch_size=4, report_to="none",
+        use_cpu=True, max_length=32,
+    )  # fmt: skip
+
+    def trainer() -> KaSATrainer:
+        return KaSATrainer(
+            model=build_tiny_llama(len(tok)), args=args, train_dataset=load_tiny_dataset("sft").select(range(8)),
+            processing_class=tok, kasa_config=KaSAConfig(r=4, target_modules=["q_proj"]),
+        )  # fmt: skip
+
+    trainer().train()
+    return out, trainer
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt", "rng_state.pth"])
+def test_checkpoint_with_a_cut_short_state_file_is_skipped_and_refused(finished_run, tmp_path, caplog, name):
+    import shutil
+
+    from kasa_trl.checkpoint import incomplete_reason, last_complete_checkpoint
+
+    run, trainer = finished_run
+    out = tmp_path / "out"
+    shutil.copytree(run, out)
+    assert incomplete_reason(out / "checkpoint-2") is None
+    data = (out / "checkpoint-2" / name).read_bytes()
+    (out / "checkpoint-2" / name).write_bytes(data[: len(data) // 2])
+    with caplog.at_level("WARNING"):
+        assert last_complete_checkpoint(out) == str(out / "checkpoint-1")
+    assert f"checkpoint-2: {name} is unreadable (not a complete torch.save archive" in caplog.text
+    (out / "checkpoint-2" / name).write_bytes(b"garbage")
+    assert incomplete_reason(out / "checkpoint-2").startswith(f"{name} is unreadable")
+
+    t = trainer()
+    before = _state(t.model)
+    with pytest.raises(ValueError, match=rf"cannot resume from .*checkpoint-2: {name} is unreadable"):
+        t.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert _same(before, _state(t.model))
