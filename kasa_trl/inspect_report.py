@@ -5,12 +5,16 @@ or a picture. Everything comes from the adapter file (no base model is needed).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .atomic_outputs import atomic_output_file
 from .factors import delta_singular_values, orthogonality_error
+from .spectrum_plots import short_names
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # The PNG text chunk that marks a picture as inspect's, so that a later --png may replace it (and nothing else).
 PNG_KEY, PNG_TAG = "Software", "kasa-trl inspect"
@@ -85,11 +89,23 @@ def save_png(stats: list[dict[str, Any]], path: Path, *, inputs: dict[str, Path 
     Raises:
         ModuleNotFoundError: matplotlib is not installed.
     """
+    fig = draw(stats)
+    with atomic_output_file(path, inputs=inputs, is_ours=is_inspect_png, what="PNG") as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={PNG_KEY: PNG_TAG})
+
+
+def draw(stats: list[dict[str, Any]]) -> Figure:
+    """The ``inspect --png`` figure: spectra and orthogonality errors per layer, the x axis labelled with the
+    layers' short names (without the prefix they share), the legends outside the plots."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     index = range(len(stats))
-    fig = Figure(figsize=(12, 4), layout="constrained")  # no pyplot: no global backend switch
+    names = short_names([s["layer"] for s in stats])
+    height = 4 + 0.06 * max(len(n) for n in names) if names else 4
+    fig = Figure(
+        figsize=(max(12, 0.3 * len(stats) + 6), height), layout="constrained"
+    )  # no pyplot: no global backend switch
     FigureCanvasAgg(fig)
     spectra, errors = fig.subplots(1, 2)
     spectra.plot(index, [s["delta_norm"] for s in stats], "o-", label="||dW||_F")
@@ -98,14 +114,15 @@ def save_png(stats: list[dict[str, Any]], path: Path, *, inputs: dict[str, Path 
     )
     spectra.plot(index, [s["abs_diag_max"] for s in stats], "x:", label="max |lora_diag|")
     spectra.plot(index, [s["removed_norm"] for s in stats], "s-", alpha=0.5, label="||R||_F (removed)")
-    spectra.set(xlabel="KaSA layer", ylabel="magnitude", title="update and removed spectra", yscale="log")
-    spectra.legend(fontsize="small")
+    spectra.set(ylabel="magnitude", title="update and removed spectra", yscale="log")
     errors.plot(index, [s["orthogonality_error_A"] for s in stats], "o-", label="||A A^T - I||_F")
     errors.plot(index, [s["orthogonality_error_B"] for s in stats], "x-", label="||B^T B - I||_F")
-    errors.set(xlabel="KaSA layer", title="orthogonality errors")
-    errors.legend(fontsize="small")
-    with atomic_output_file(path, inputs=inputs, is_ours=is_inspect_png, what="PNG") as tmp:
-        fig.savefig(tmp, format="png", dpi=100, metadata={PNG_KEY: PNG_TAG})
+    errors.set(title="orthogonality errors")
+    for axes in (spectra, errors):
+        axes.set_xticks(list(index), names, rotation=90, fontsize="small")
+        axes.set_xlabel("KaSA layer")
+        axes.legend(fontsize="small", loc="lower center", bbox_to_anchor=(0.5, 1.08), ncols=2)
+    return fig
 
 
 def is_inspect_png(path: Path) -> bool:

@@ -184,3 +184,16 @@ def test_the_merge_command_prints_no_library_noise(moved_run):
     assert result.stderr.startswith("kasa-trl: warning: the recorded base"), result.stderr
     assert result.stdout.strip().splitlines() == [result.stdout.strip()], result.stdout
     assert result.stdout.startswith("loaded "), result.stdout
+
+
+def test_the_inspect_png_labels_layers_by_name(moved_run):
+    pytest.importorskip("matplotlib")
+    from kasa_trl.adapter_io import read_adapter
+    from kasa_trl.inspect_report import draw, layer_stats
+
+    config, per_layer = read_adapter(moved_run / "moved")
+    stats = [layer_stats(name, tensors, config.scaling, top=2) for name, tensors in per_layer.items()]
+    figure = draw(stats)
+    for axes in figure.axes:
+        labels = [label.get_text() for label in axes.get_xticklabels()]
+        assert len(labels) == 14 and labels[0] == "0.mlp.down_proj" and labels[-1] == "1.self_attn.v_proj"
