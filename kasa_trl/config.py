@@ -102,7 +102,8 @@ class KaSAConfig:
             value = check(name, value)
         if name in _SCALING_FIELDS:
             # Checked once all three are set (construction sets them in field order), before storing the value.
-            scaling_fields = {key: self.__dict__.get(key) for key in _SCALING_FIELDS} | {name: value}
+            scaling_fields: dict[str, Any] = {key: self.__dict__.get(key) for key in _SCALING_FIELDS}
+            scaling_fields[name] = value
             if all(v is not None for v in scaling_fields.values()):
                 check_scaling(**scaling_fields)
         super().__setattr__(name, value)
@@ -272,6 +273,14 @@ def _is_real(value: object) -> TypeGuard[numbers.Real]:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _is_finite(value: numbers.Real) -> bool:
+    """Finite as a float; False for an int or Fraction beyond the float range (``math.isfinite`` raises there)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _check_r(name: str, value: object) -> int:
     if not _is_integer(value) or int(value) <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}; pass e.g. {name}=8")
@@ -279,11 +288,7 @@ def _check_r(name: str, value: object) -> int:
 
 
 def _check_alpha(name: str, value: object) -> float:
-    try:
-        finite = _is_real(value) and math.isfinite(float(value))
-    except OverflowError:  # an int or Fraction beyond the float range
-        finite = False
-    if not finite or cast(numbers.Real, value) <= 0:
+    if not _is_real(value) or not _is_finite(value) or value <= 0:
         raise ValueError(
             f"{name} must be a positive number, got {value!r}: pass a finite value > 0 (scaling = {name} / r; "
             f"PEFT's usual choice is {name}=2*r)"
