@@ -203,17 +203,20 @@ def parse_args(
     deepspeed = _check_deepspeed_config(argv)
     known, _ = HfArgumentParser(script_class, add_help=False).parse_known_args(argv)
     embedded = known.model_name_or_path is None
-    if (
+    zero3_by_default = (
         deepspeed is None
         and known.default_zero3
         and launched_by_deepspeed()
         and DEFAULT_ZERO_CONFIG.is_file()
-    ):
+    )
+    if zero3_by_default:
         deepspeed = _shown_path(DEFAULT_ZERO_CONFIG)
         argv += ["--deepspeed", deepspeed]
     _process_settings(embedded)  # before the config: building it sets up accelerate's state
 
-    defaults: dict[str, Any] = {"output_dir": default_output_dir(name, known.model_name_or_path, deepspeed)}
+    distributed = launched_by_deepspeed() or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    output_dir = default_output_dir(name, known.model_name_or_path, deepspeed, distributed=distributed)
+    defaults: dict[str, Any] = {"output_dir": output_dir}
     defaults["report_to"] = "none"
     if not torch.cuda.is_available():
         defaults["use_cpu"] = True
@@ -232,6 +235,9 @@ def parse_args(
     parser = build_parser(script_class, config_class, embedded_defaults, embedded)
     parser.set_defaults(**defaults)
     script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if zero3_by_default and os.environ.get("RANK", "0") == "0":
+        print(f"DeepSpeed launcher: ZeRO-3 with {deepspeed} (the default when no --deepspeed is given; "
+              "--no_default_zero3 trains plain DDP instead)")  # fmt: skip
     return script_args, training_args
 
 
@@ -247,6 +253,8 @@ def build_parser(
         "defaults sized for a CPU; with one, TRL's defaults apply. The help of each flag concerned gives both.",
     )
     for action in parser._actions:
+        if action.option_strings and action.option_strings[0] == "--no_default_zero3":
+            action.help = "Train plain DDP under the deepspeed launcher when no --deepspeed config is given."
         # transformers gives `bool | None` fields (bf16, tf32, activation_checkpointing...) no bare form.
         if action.type is string_to_bool and action.nargs is None:
             action.nargs, action.const = "?", True
@@ -276,13 +284,18 @@ def launched_by_deepspeed() -> bool:
     return all(name in os.environ for name in ("CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE"))
 
 
-def default_output_dir(name: str, model_name_or_path: str | None, deepspeed: str | None) -> str:
-    """``outputs/<name>``, then ``-<model>`` and ``-<DeepSpeed config>`` when given: one folder per kind of run."""
+def default_output_dir(
+    name: str, model_name_or_path: str | None, deepspeed: str | None, *, distributed: bool = False
+) -> str:
+    """``outputs/<name>``, then ``-<model>`` and ``-<DeepSpeed config>`` when given, or ``-ddp`` for a
+    multi-process run without DeepSpeed (``distributed``): one folder per kind of run."""
     parts = [name]
     if model_name_or_path:
         parts.append(Path(model_name_or_path.rstrip("/\\")).name)
     if deepspeed:
         parts.append("deepspeed" if deepspeed.lstrip().startswith("{") else Path(deepspeed).stem)
+    elif distributed:
+        parts.append("ddp")
     return str(Path("outputs") / "-".join(parts))
 
 
@@ -293,10 +306,6 @@ def prepare_run(script_args: KaSAScriptArguments, training_args: Any) -> None:
     main = os.environ.get("RANK", "0") == "0"
     local_main = os.environ.get("LOCAL_RANK", "0") == "0"
     deepspeed = training_args.deepspeed
-    default_zero = isinstance(deepspeed, str) and _same_file(deepspeed, DEFAULT_ZERO_CONFIG)
-    if main and default_zero and launched_by_deepspeed():
-        print(f"DeepSpeed launcher: ZeRO-3 with {deepspeed} (the default when no --deepspeed is given; "
-              "--no_default_zero3 trains plain DDP instead)")  # fmt: skip
     if deepspeed and not torch.cuda.is_available():
         _check_deepspeed_cpu_op(announce=local_main)
     adapter = Path(training_args.output_dir) / "kasa_adapter.safetensors"
@@ -307,18 +316,20 @@ def prepare_run(script_args: KaSAScriptArguments, training_args: Any) -> None:
 
 
 def _check_deepspeed_cpu_op(announce: bool) -> None:
+    # Every rank stops; only the first of each node says why (the message is the same everywhere).
     try:
         live = extensions.check_build_locks()
     except RuntimeError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if announce else 1)
     if extensions.is_built():
         return
     if extensions.compiler() is None:
-        sys.exit(
+        message = (
             "error: DeepSpeed on a CPU compiles a C++ op on its first run and needs a C++ compiler, and none was "
             f"found ({os.environ.get('CXX', 'c++')} is not on PATH): install one (e.g. apt-get install g++), or "
             "train without DeepSpeed"
         )
+        sys.exit(message if announce else 1)
     if announce:
         waiting = f", waiting for the build of pid {live[0].holders[0]}" if live and live[0].holders else ""
         print(
@@ -398,10 +409,6 @@ def _shown_path(path: Path) -> str:
     """``path`` relative to the working directory when it lies below it, else absolute."""
     relative = os.path.relpath(path)
     return path.as_posix() if relative.startswith("..") else relative
-
-
-def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    return Path(a).resolve() == Path(b).resolve()
 
 
 def load_model_and_tokenizer(
@@ -485,7 +492,9 @@ def print_summary(trainer: Any, output_dir: str, *extra_keys: str) -> None:
     lines = [f"steps: {trainer.state.global_step}"]
     for key in ("loss", *extra_keys):
         values = logged(trainer, key)
-        if values:
+        if len(values) == 1:
+            lines.append(f"{key}: {values[0]:.4g} (one logged step)")
+        elif values:
             lines.append(f"{key}: {values[0]:.4f} (first log) -> {values[-1]:.4f} (last log)")
     lines.append(f"KaSA adapter saved to {output_dir}")
     base = Path(output_dir) / BASE_DIR_NAME

@@ -118,6 +118,37 @@ def test_each_kind_of_run_has_its_own_output_dir(examples, clean_env):
     )
     _, args = examples["dpo_llama"].parse_command_line([])
     assert args.output_dir == "outputs/dpo_llama"
+    assert common.default_output_dir("sft_llama", None, None, distributed=True) == "outputs/sft_llama-ddp"
+    assert (
+        common.default_output_dir("sft_llama", None, "zero3.json", distributed=True)
+        == "outputs/sft_llama-zero3"
+    )
+
+
+def test_the_summary_of_a_single_logged_step_says_so(examples, capsys):
+    from types import SimpleNamespace
+
+    common = sys.modules["_common"]
+
+    def trainer(history):
+        state = SimpleNamespace(global_step=len(history), log_history=history)
+        return SimpleNamespace(state=state, is_world_process_zero=lambda: True)
+
+    common.print_summary(trainer([{"loss": 5.4, "step": 1}]), "out")
+    assert "loss: 5.4 (one logged step)\n" in capsys.readouterr().out
+    common.print_summary(trainer([{"loss": 5.4, "step": 1}, {"loss": 4.5, "step": 2}]), "out")
+    assert "loss: 5.4000 (first log) -> 4.5000 (last log)\n" in capsys.readouterr().out
+
+
+def test_no_default_zero3_has_its_own_help(examples, capsys):
+    with pytest.raises(SystemExit):
+        examples["sft_llama"].parse_command_line(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "--no_default_zero3, --no-default-zero3 Train plain DDP under the deepspeed launcher when no --deepspeed "
+        "config is given." in text
+    )
+    assert text.count("train with ZeRO-3") == 1
 
 
 def test_rerun_announces_that_it_replaces_the_previous_run(examples, clean_env, tmp_path, capsys):
@@ -145,6 +176,10 @@ def test_stale_deepspeed_build_lock_stops_the_run_with_the_fix(examples, clean_e
         common.prepare_run(script_args, args)
     assert f"rm {lock}" in str(exit_info.value.code) and "killed" in str(exit_info.value.code)
     assert lock.is_file()
+    clean_env.setenv("LOCAL_RANK", "1")  # the other ranks of the node stop too, without repeating the message
+    with pytest.raises(SystemExit) as exit_info:
+        common.prepare_run(script_args, args)
+    assert exit_info.value.code == 1 and lock.is_file()
 
 
 def test_first_deepspeed_cpu_build_is_announced_and_needs_a_compiler(examples, clean_env, tmp_path, capsys):
@@ -169,7 +204,7 @@ def test_first_deepspeed_cpu_build_is_announced_and_needs_a_compiler(examples, c
 
 
 DEEPSPEED_PARSE = """
-import json, os, sys
+import contextlib, io, json, os, sys
 sys.path.insert(0, sys.argv[1])
 import sft_llama
 out = {}
@@ -177,8 +212,10 @@ for case, env, argv in json.loads(sys.argv[2]):
     for name in ("CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE"):
         os.environ.pop(name, None)
     os.environ.update(env)
-    _, args = sft_llama.parse_command_line(argv)
-    out[case] = [args.deepspeed, args.output_dir]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        _, args = sft_llama.parse_command_line(argv)
+    out[case] = [args.deepspeed, args.output_dir, printed.getvalue()]
 print(json.dumps(out))
 """
 
@@ -192,6 +229,7 @@ def test_deepspeed_launcher_without_a_config_uses_zero3(tmp_path):
         ("launcher", launcher, []),
         ("opt_out", launcher, ["--no_default_zero3"]),
         ("explicit", launcher, ["--deepspeed", "deepspeed_configs/zero2.json"]),
+        ("explicit_zero3", launcher, ["--deepspeed", "deepspeed_configs/zero3.json"]),
         ("plain", {}, []),
     ]
     proc = processes.run(
@@ -202,11 +240,18 @@ def test_deepspeed_launcher_without_a_config_uses_zero3(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    announced = (
+        "DeepSpeed launcher: ZeRO-3 with deepspeed_configs/zero3.json (the default when no --deepspeed is "
+        "given; --no_default_zero3 trains plain DDP instead)\n"
+    )
     assert result == {
-        "launcher": ["deepspeed_configs/zero3.json", "outputs/sft_llama-zero3"],
-        "opt_out": [None, "outputs/sft_llama"],
-        "explicit": ["deepspeed_configs/zero2.json", "outputs/sft_llama-zero2"],
-        "plain": [None, "outputs/sft_llama"],
+        "launcher": ["deepspeed_configs/zero3.json", "outputs/sft_llama-zero3", announced],
+        # plain DDP under the launcher: its own folder, not the single-process demo's
+        "opt_out": [None, "outputs/sft_llama-ddp", ""],
+        "explicit": ["deepspeed_configs/zero2.json", "outputs/sft_llama-zero2", ""],
+        # the default file given explicitly: not called the default
+        "explicit_zero3": ["deepspeed_configs/zero3.json", "outputs/sft_llama-zero3", ""],
+        "plain": [None, "outputs/sft_llama", ""],
     }
 
 
