@@ -198,7 +198,8 @@ def check_same_adapter(
 class GradientReachesAdapters(TrainerCallback):
     """Stops training at its first optimizer step when no trainable KaSA parameter received a gradient (the
     adapted modules are not on the forward's path, or reentrant checkpointing cut them off): the step would
-    update nothing. Skipped under DeepSpeed and FSDP, which keep gradients out of ``param.grad``."""
+    update nothing; warns when every gradient is exactly 0 (nothing would change either). Skipped under DeepSpeed
+    and FSDP, which keep gradients out of ``param.grad``."""
 
     def __init__(self) -> None:
         self.checked = False
@@ -231,6 +232,16 @@ class GradientReachesAdapters(TrainerCallback):
                 f"e.g. {params[0][0]}): the adapted modules do not take part in the loss. Check target_modules "
                 "against the modules the forward uses; with gradient_checkpointing (reentrant), the inputs must "
                 "require grad (model.enable_input_require_grads())"
+            )
+        grads = [p.grad for _, p in params if p.grad is not None]
+        # One device synchronization, at the first step only: any() stops at the first nonzero gradient.
+        if grads and not any(bool(g.any()) for g in grads):
+            logger.warning(
+                "kasa_trl: every trainable KaSA parameter's gradient is exactly 0 in the first step (%d parameters, "
+                "e.g. %s), so the step changes nothing: check that the loss depends on the adapted modules (labels "
+                "not all masked) and that lora_alpha / r is not vanishingly small",
+                len(grads),
+                params[0][0],
             )
 
 

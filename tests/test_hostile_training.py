@@ -225,3 +225,23 @@ def test_checkpoint_with_a_cut_short_state_file_is_skipped_and_refused(finished_
     with pytest.raises(ValueError, match=rf"cannot resume from .*checkpoint-2: {name} is unreadable"):
         t.train(resume_from_checkpoint=str(out / "checkpoint-2"))
     assert _same(before, _state(t.model))
+
+
+# -- B7 (the other half): all-zero adapter gradients at the first step are reported ---------------------------------
+
+
+@pytest.mark.parametrize("zero", [True, False])
+def test_all_zero_adapter_gradients_at_the_first_step_are_reported(caplog, zero):
+    from types import SimpleNamespace
+
+    from kasa_trl.training_guards import GradientReachesAdapters
+
+    model = build_tiny_llama(100)
+    apply_kasa(model, KaSAConfig(r=4, target_modules=["q_proj"]))
+    for layer in kasa_layers(model).values():
+        for p in layer.adapter_params().values():
+            p.grad = torch.zeros_like(p) if zero else torch.ones_like(p)
+    args = SimpleNamespace(deepspeed=None, fsdp=None)
+    with caplog.at_level("WARNING"):
+        GradientReachesAdapters().on_pre_optimizer_step(args, None, None, model=model)  # type: ignore[arg-type]
+    assert ("gradient is exactly 0 in the first step" in caplog.text) == zero
