@@ -47,6 +47,7 @@ import torch
 from torch.profiler import record_function
 
 from . import _symeig
+from .factors import max_abs_exponent, times_power_of_two
 
 DECOMPOSITION_METHODS = ("auto", "svd", "gram_eigh", "gram_deflated")
 
@@ -185,7 +186,7 @@ def _minor_components(
         w = weight.detach().to(torch.float64)
         exponent = _scale_exponent(w)
         if exponent:  # a power of two: exact, and undone exactly on the singular values below
-            w = _times_power_of_two(w, -exponent)
+            w = times_power_of_two(w, -exponent)
         transposed = out_features > in_features
         a = w.T if transposed else w  # (m, p), m <= p: the Gram A A^T is the smaller one
         method = _AUTO_METHOD if method == "auto" else method
@@ -196,7 +197,7 @@ def _minor_components(
             if error > _GRAM_EIGH_WARNING:  # only gram_eigh returns such a result
                 _warn_gram_eigh_inexact(weight.shape, n, error)
         if exponent:
-            s = _times_power_of_two(s, exponent)
+            s = times_power_of_two(s, exponent)
         if transposed:  # R = (u s vh)^T = vh^T s u^T
             u, vh = vh.T, u.T
         left = (u * s).to(dtype)
@@ -215,18 +216,12 @@ def _scale_exponent(w: torch.Tensor) -> int:
     The Gram squares the entries: beyond ~2^300 (or below 2^-300) it would overflow (underflow) on long rows.
     Raises ValueError on a non-finite entry (one pass over ``w``; the max propagates NaN).
     """
-    largest = float(torch.linalg.vector_norm(w, float("inf")))
+    largest, exponent = max_abs_exponent(w)
     if not math.isfinite(largest):
         raise ValueError(_NON_FINITE)
     if largest == 0.0 or _SAFE_RANGE[0] <= largest <= _SAFE_RANGE[1]:
         return 0
-    return math.frexp(largest)[1]
-
-
-def _times_power_of_two(t: torch.Tensor, exponent: int) -> torch.Tensor:
-    """``t * 2**exponent`` in two exact steps (``2**1074`` alone is not a float64)."""
-    half = exponent // 2
-    return t * math.ldexp(1.0, half) * math.ldexp(1.0, exponent - half)
+    return exponent
 
 
 def _check_minor_args(weight: torch.Tensor, n: int, method: str) -> None:

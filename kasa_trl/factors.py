@@ -8,6 +8,8 @@ factors ``left (out, n) = U_n S_n`` and ``right (n, in) = V_n^T``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -160,3 +162,21 @@ def orthogonality_error(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor,
     eye_a = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     eye_b = torch.eye(b.shape[1], dtype=b.dtype, device=b.device)
     return torch.linalg.matrix_norm(a @ a.T - eye_a), torch.linalg.matrix_norm(b.T @ b - eye_b)
+
+
+def max_abs_exponent(w: torch.Tensor) -> tuple[float, int]:
+    """``(largest, e)``: ``w``'s largest absolute entry (NaN/inf propagate; 0 for an empty ``w``) and ``e`` with
+    ``largest`` in [2**(e-1), 2**e), so ``w * 2**-e`` has its largest entry in [0.5, 1) (``e = 0`` for a zero or
+    non-finite ``largest``). One pass over ``w``."""
+    largest = float(torch.linalg.vector_norm(w, float("inf"))) if w.numel() else 0.0
+    if largest == 0.0 or not math.isfinite(largest):
+        return largest, 0
+    return largest, math.frexp(largest)[1]
+
+
+def times_power_of_two(t: torch.Tensor, exponent: int) -> torch.Tensor:
+    """``t * 2**exponent``, exact, in two steps (``2**-1074`` or ``2**1024`` alone is not a normal float64)."""
+    if exponent == 0:
+        return t
+    half = exponent // 2
+    return t * math.ldexp(1.0, half) * math.ldexp(1.0, exponent - half)

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .factors import max_abs_exponent, times_power_of_two
+
 N_PROBES = 4
 # In units of rms(W) for the projections and the removed directions, relative for the norm.
 TOLERANCE = 0.02
@@ -107,8 +109,8 @@ def _probe(weight: torch.Tensor, removed_right: torch.Tensor | None) -> tuple[to
     (entries near float64's largest), they are infinite: ``check_fingerprint`` refuses such a weight."""
     w = weight.detach()
     w = w.to(_compute_dtype(w))
-    exponent = _scale_exponent(w)
-    w = _times_power_of_two(w, -exponent)
+    exponent = max_abs_exponent(w)[1]
+    w = times_power_of_two(w, -exponent)
     out_features, in_features = w.shape
     gen = torch.Generator(device="cpu").manual_seed(0x4B615341)  # "KaSA"
     probe_right = torch.randn(in_features, N_PROBES, generator=gen, dtype=torch.float64)
@@ -119,8 +121,8 @@ def _probe(weight: torch.Tensor, removed_right: torch.Tensor | None) -> tuple[to
     products = (w @ columns.to(w.device, w.dtype)).to(torch.float64)  # (out, N_PROBES + n)
     projections = (probe_left * products[:, :N_PROBES]).sum(dim=0) / math.sqrt(out_features * in_features)
     norm = torch.linalg.vector_norm(w).to(torch.float64).reshape(1)
-    fingerprint = _times_power_of_two(torch.cat([projections, norm]), exponent)
-    return fingerprint.cpu(), _times_power_of_two(products[:, N_PROBES:], exponent)
+    fingerprint = times_power_of_two(torch.cat([projections, norm]), exponent)
+    return fingerprint.cpu(), times_power_of_two(products[:, N_PROBES:], exponent)
 
 
 def check_fingerprint(fingerprint: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
@@ -133,22 +135,6 @@ def check_fingerprint(fingerprint: torch.Tensor, shape: tuple[int, ...], what: s
         f"norm exceeds {torch.finfo(torch.float64).max:.3g}), so its adapter could not be saved; scale the weight "
         "down before adapting it"
     )
-
-
-def _scale_exponent(w: torch.Tensor) -> int:
-    """``e`` with ``w``'s largest absolute entry in [2**(e-1), 2**e) (0 for an all-zero or non-finite ``w``)."""
-    largest = float(torch.linalg.vector_norm(w, float("inf"))) if w.numel() else 0.0
-    if largest == 0.0 or not math.isfinite(largest):
-        return 0
-    return math.frexp(largest)[1]
-
-
-def _times_power_of_two(t: torch.Tensor, exponent: int) -> torch.Tensor:
-    """``t * 2**exponent``, exact, in two steps (``2**-1074`` or ``2**1024`` alone is not a normal float64)."""
-    if exponent == 0:
-        return t
-    half = exponent // 2
-    return t * math.ldexp(1.0, half) * math.ldexp(1.0, exponent - half)
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
