@@ -7,8 +7,8 @@ it shared), so the files always come from one writer. A temporary file is named
 ``.<target>.<host>-<pid>.<random>.tmp``: one left by a killed writer is removed by the next writer once that
 writer can prove it stale (same host, process gone); any other is left alone, and named in a warning.
 
-The pieces every kasa_trl writer shares (``host_tag``, ``process_alive``, ``current_umask``, ``fsync_directory``)
-live here; ``atomic_outputs`` builds the command line's output directories on them.
+The pieces every kasa_trl writer shares (``host_tag``, ``process_alive``, ``current_umask``, ``publish_file``,
+``fsync_directory``) live here; ``atomic_outputs`` builds the command line's output directories on them.
 """
 
 from __future__ import annotations
@@ -65,14 +65,20 @@ def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
     try:
         os.close(fd)
         write(tmp_path)
-        with contextlib.suppress(OSError):  # after writing: some writers (safetensors) recreate the file 0600
-            os.chmod(tmp_path, 0o666 & ~current_umask())
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, target)
+        publish_file(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def publish_file(tmp: Path, target: Path) -> None:
+    """Give the written temporary ``tmp`` a plain file's permissions (``0o666 & ~umask``), fsync it, and rename it
+    over ``target``."""
+    with contextlib.suppress(OSError):  # after writing: some writers (safetensors) recreate the file 0600
+        os.chmod(tmp, 0o666 & ~current_umask())
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
 
 
 def remove_stale_temporaries(directory: Path, targets: Iterable[str]) -> None:

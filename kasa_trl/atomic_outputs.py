@@ -38,7 +38,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from .atomic_files import current_umask, fsync_directory, host_tag, process_alive
+from .atomic_files import current_umask, fsync_directory, host_tag, process_alive, publish_file
 
 try:  # POSIX; elsewhere only the host and pid in a temporary's name tell whether its writer is gone
     import fcntl
@@ -263,10 +263,7 @@ def atomic_output_file(
     tmp, lock = _locked_temporary(lambda: _new_file(target))
     try:
         yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, target)
+        publish_file(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
