@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .adapter_io import read_adapter
+from .config import KaSAConfig
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,17 @@ def is_complete_checkpoint(path: str | os.PathLike[str], *, require_optimizer: b
 def incomplete_reason(path: str | os.PathLike[str], *, require_optimizer: bool = True) -> str | None:
     """Why ``path`` is not a checkpoint training can resume from exactly (see ``is_complete_checkpoint``), or
     ``None`` when it is one."""
+    return read_checkpoint(path, require_optimizer=require_optimizer)[0]
+
+
+SavedAdapter = tuple[KaSAConfig, dict[str, dict[str, torch.Tensor]]]
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str], *, require_optimizer: bool = True
+) -> tuple[str | None, SavedAdapter | None]:
+    """``incomplete_reason(path)`` and, when it is ``None``, the checkpoint's adapter as ``read_adapter`` returns
+    it (read once: resuming checks and loads this copy)."""
     return _why_incomplete(Path(path), require_optimizer)
 
 
@@ -104,6 +116,14 @@ def last_complete_checkpoint(
     when that checkpoint was cut short. Every skipped checkpoint is logged (warning) with the reason. ``None``
     also when ``output_dir`` does not exist.
     """
+    newest = newest_complete_checkpoint(output_dir, require_optimizer=require_optimizer)
+    return None if newest is None else newest[0]
+
+
+def newest_complete_checkpoint(
+    output_dir: str | os.PathLike[str], *, require_optimizer: bool = True
+) -> tuple[str, SavedAdapter] | None:
+    """``last_complete_checkpoint`` with the adapter it read while checking it (see ``read_checkpoint``)."""
     root = Path(output_dir)
     if not root.is_dir():
         return None
@@ -113,23 +133,24 @@ def last_complete_checkpoint(
         if match and entry.is_dir():
             candidates.append((int(match.group(1)), entry))
     for _, directory in sorted(candidates, key=lambda item: item[0], reverse=True):
-        reason = _why_incomplete(directory, require_optimizer)
-        if reason is None:
-            return str(directory)
+        reason, adapter = _why_incomplete(directory, require_optimizer)
+        if adapter is not None:
+            return str(directory), adapter
         logger.warning("kasa_trl: skipping incomplete checkpoint %s: %s", directory, reason)
     return None
 
 
-def _why_incomplete(directory: Path, require_optimizer: bool) -> str | None:
-    """What makes ``directory`` unusable for resuming, or ``None`` when it is complete."""
+def _why_incomplete(directory: Path, require_optimizer: bool) -> tuple[str | None, SavedAdapter | None]:
+    """What makes ``directory`` unusable for resuming and ``None``, or ``None`` and its adapter when complete."""
     if not directory.is_dir():
-        return "not a directory"
+        return "not a directory", None
     reason = _check_trainer_state(directory)
-    if reason is None:
-        reason = _check_adapter(directory)
+    if reason is not None:
+        return reason, None
+    reason, adapter = _check_adapter(directory)
     if reason is None and require_optimizer:
         reason = _check_training_state(directory)
-    return reason
+    return (reason, None) if reason is not None else (None, adapter)
 
 
 def _check_trainer_state(directory: Path) -> str | None:
@@ -149,16 +170,16 @@ def _check_trainer_state(directory: Path) -> str | None:
     return None
 
 
-def _check_adapter(directory: Path) -> str | None:
+def _check_adapter(directory: Path) -> tuple[str | None, SavedAdapter | None]:
     try:
-        _, per_layer = read_adapter(directory)
+        adapter = read_adapter(directory)
     except (OSError, ValueError) as e:  # FileNotFoundError is an OSError
-        return f"the KaSA adapter is unreadable ({e})"
-    for layer, tensors in per_layer.items():
+        return f"the KaSA adapter is unreadable ({e})", None
+    for layer, tensors in adapter[1].items():
         for key, tensor in tensors.items():
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                return f"the KaSA adapter holds non-finite values ({layer}.{key})"
-    return None
+                return f"the KaSA adapter holds non-finite values ({layer}.{key})", None
+    return None, adapter
 
 
 def _check_training_state(directory: Path) -> str | None:

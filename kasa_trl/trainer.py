@@ -28,7 +28,7 @@ from trl import SFTConfig, SFTTrainer
 
 from .adapter_io import base_quantization, layer_tensors, model_name_or_path, read_adapter, write_adapter
 from .callbacks import log_spectra
-from .checkpoint import last_complete_checkpoint
+from .checkpoint import SavedAdapter, newest_complete_checkpoint
 from .config import KaSAConfig, config_differences, format_differences
 from .distributed import gathered
 from .model import apply_kasa, get_kasa_config, kasa_layers
@@ -233,27 +233,35 @@ class KaSATrainerMixin(_MixedInto):
         (transformers' ``get_last_checkpoint`` takes the highest number even if its save was cut short).
         """
         check_trainable(self.model, self.optimizer)
+        adapter = None
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(
+            newest = newest_complete_checkpoint(
                 cast(str, self.args.output_dir),  # TrainingArguments sets it when not given
                 require_optimizer=not self.args.save_only_model,
             )
-            if resume_from_checkpoint is None:
+            if newest is None:
                 raise ValueError(
                     f"no complete checkpoint to resume from in {self.args.output_dir} (skipped ones are logged); "
                     "pass resume_from_checkpoint=None to start over"
                 )
+            resume_from_checkpoint, adapter = newest
         elif resume_from_checkpoint is False:
             resume_from_checkpoint = None
         if resume_from_checkpoint is not None:
             resume_from_checkpoint = os.fspath(resume_from_checkpoint)
-            check_resumable(
+            adapter = check_resumable(
                 resume_from_checkpoint,
                 self.model,
                 self.kasa_config,
                 save_only_model=self.args.save_only_model,
+                adapter=adapter,
             )
-        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+            # checked against this model: _load_from_checkpoint copies it in without reading the file again
+            self._kasa_resume_adapter: tuple[str, SavedAdapter] | None = (resume_from_checkpoint, adapter)
+        try:
+            return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+        finally:
+            self._kasa_resume_adapter = None
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write the KaSA adapter (not the full model) plus the tokenizer and training arguments."""
@@ -286,7 +294,11 @@ class KaSATrainerMixin(_MixedInto):
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        self._kasa_load_adapter_weights(resume_from_checkpoint)
+        checked = getattr(self, "_kasa_resume_adapter", None)
+        if checked is not None and checked[0] == resume_from_checkpoint:
+            self._kasa_copy_adapter(checked[1][1])
+        else:
+            self._kasa_load_adapter_weights(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         if self.is_deepspeed_enabled:
@@ -298,9 +310,11 @@ class KaSATrainerMixin(_MixedInto):
         """Copy a saved adapter's trained factors into this model's KaSA layers (same layers, same base)."""
         saved, per_layer = read_adapter(directory)
         check_same_adapter(directory, saved, per_layer, self.model, self.kasa_config)
-        layers = kasa_layers(self.model)
+        self._kasa_copy_adapter(per_layer)
+
+    def _kasa_copy_adapter(self, per_layer: dict[str, dict[str, torch.Tensor]]) -> None:
         with torch.no_grad():
-            for name, layer in layers.items():
+            for name, layer in kasa_layers(self.model).items():
                 for key, param in layer.adapter_params().items():
                     param.copy_(per_layer[name][key])
 

@@ -17,8 +17,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import is_peft_available
 
-from .adapter_io import read_adapter
-from .checkpoint import incomplete_reason, missing_training_state, unreadable_training_state
+from .checkpoint import SavedAdapter, missing_training_state, read_checkpoint, unreadable_training_state
 from .config import MODEL_FIELDS, TRAINING_FIELDS, KaSAConfig, config_differences, format_differences
 from .model import kasa_layers
 
@@ -96,9 +95,16 @@ def check_trainable(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
 
 
 def check_resumable(
-    checkpoint: str, model: nn.Module, config: KaSAConfig, *, save_only_model: bool = False
-) -> None:
+    checkpoint: str,
+    model: nn.Module,
+    config: KaSAConfig,
+    *,
+    save_only_model: bool = False,
+    adapter: SavedAdapter | None = None,
+) -> SavedAdapter:
     """Refuse a checkpoint ``model`` (trained with ``config``) cannot resume from exactly; nothing is loaded.
+    Returns the checkpoint's adapter as ``read_adapter`` returns it, read once (``adapter``: already read from a
+    checkpoint found complete, e.g. by ``newest_complete_checkpoint``; not read again).
 
     Refused: not a directory; not a complete checkpoint apart from the training state (``incomplete_reason``);
     an adapter of other model settings (``check_same_adapter``); no optimizer, scheduler or RNG state, unless the
@@ -110,14 +116,16 @@ def check_resumable(
             f"resume_from_checkpoint={checkpoint!r} is not a directory; pass a checkpoint-N directory of this "
             "run, or True for the newest complete one in output_dir"
         )
-    reason = incomplete_reason(checkpoint, require_optimizer=False)
-    if reason is not None:
+    reason = None
+    if adapter is None:
+        reason, adapter = read_checkpoint(checkpoint, require_optimizer=False)
+    if adapter is None:
         raise ValueError(
             f"cannot resume from {checkpoint}: {reason}. Pass a complete checkpoint "
             "(kasa_trl.last_complete_checkpoint(output_dir) finds the newest one), or start a new run from a "
             "saved adapter with load_kasa_adapter(model, path, is_trainable=True)"
         )
-    saved, per_layer = read_adapter(checkpoint)
+    saved, per_layer = adapter
     check_same_adapter(checkpoint, saved, per_layer, model, config)
     unreadable = unreadable_training_state(checkpoint)
     if unreadable:
@@ -143,6 +151,7 @@ def check_resumable(
             checkpoint,
             ", ".join(missing),
         )
+    return adapter
 
 
 def check_same_adapter(
