@@ -13,6 +13,8 @@ from kasa_trl import KaSAConfig, apply_kasa, kasa_layers
 from kasa_trl.dpo_trainer import KaSADPOTrainer
 from kasa_trl.tiny import build_tiny_llama, build_tokenizer, load_tiny_dataset
 
+from .helpers import tiny_sft_config
+
 STRONG = {"singular_value_l2": 0.5, "orthogonality": 0.5}
 
 
@@ -27,26 +29,8 @@ def dataset():
 
 
 def dpo_args(output_dir, **overrides):
-    args = dict(
-        output_dir=str(output_dir),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=1,
-        learning_rate=0.05,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        max_length=64,
-        disable_tqdm=True,
-        gradient_checkpointing=False,
-        bf16=False,  # exact comparisons
-    )
-    args.update(overrides)
-    return DPOConfig(**args)
+    overrides = {"max_length": 64, "gradient_checkpointing": False, **overrides}
+    return tiny_sft_config(output_dir, config_class=DPOConfig, **overrides)
 
 
 def make_trainer(tmp_path, tokenizer, dataset, *, kasa=None, model=None, **overrides):

@@ -39,6 +39,7 @@ from kasa_trl.decomposition import minor_components
 from kasa_trl.tiny import build_tiny_gpt2, build_tiny_llama, build_tokenizer, load_tiny_dataset
 
 from .conftest import VOCAB
+from .helpers import tiny_sft_config
 
 F64 = torch.float64
 
@@ -348,22 +349,9 @@ def test_saving_a_model_without_kasa_writes_nothing(tmp_path):
 
 
 def _sft_args(output_dir: Path, **overrides) -> SFTConfig:
-    args = dict(
-        output_dir=str(output_dir),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        optim="sgd",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        max_length=32,
-        disable_tqdm=True,
-        bf16=False,
+    return tiny_sft_config(
+        output_dir, **{"max_steps": 3, "learning_rate": 1e-2, "lr_scheduler_type": "linear", **overrides}
     )
-    return SFTConfig(**{**args, **overrides})
 
 
 def _dpo_args(output_dir: Path, **overrides) -> DPOConfig:

@@ -24,7 +24,7 @@ pytest.importorskip(
 )
 
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
-from trl import DPOConfig, SFTConfig  # noqa: E402
+from trl import DPOConfig  # noqa: E402
 
 from kasa_trl import (  # noqa: E402
     KaSAConfig,
@@ -51,6 +51,7 @@ from kasa_trl.trainer import KaSATrainer  # noqa: E402
 
 from .conftest import randomize_adapters  # noqa: E402
 from .distributed import processes  # noqa: E402
+from .helpers import tiny_sft_config  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -355,24 +356,7 @@ def test_cli_merge_dequantizes_and_writes_a_full_precision_model(base_dir, tmp_p
 
 
 def sft_args(tmp_path, **overrides):
-    args = dict(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=0.05,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        max_length=32,
-        disable_tqdm=True,
-        bf16=False,
-        activation_checkpointing=False,
-    )
-    return SFTConfig(**{**args, **overrides})
+    return tiny_sft_config(tmp_path, **{"activation_checkpointing": False, **overrides})
 
 
 @pytest.mark.parametrize(

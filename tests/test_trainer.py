@@ -11,6 +11,8 @@ from kasa_trl.regularizers import get_regularizer
 from kasa_trl.tiny import build_tiny_llama, build_tokenizer, load_tiny_dataset
 from kasa_trl.trainer import KaSATrainer
 
+from .helpers import tiny_sft_config
+
 STRONG = {"singular_value_l2": 0.5, "orthogonality": 0.5}
 
 
@@ -25,28 +27,10 @@ def dataset():
 
 
 def make_trainer(tmp_path, tokenizer, dataset, *, kasa=None, callbacks=None, **overrides):
-    args = dict(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=1,
-        learning_rate=0.05,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        max_length=32,
-        disable_tqdm=True,
-        bf16=False,  # exact comparisons; mixed precision has its own test
-    )
-    args.update(overrides)
     model = build_tiny_llama(len(tokenizer), seed=0)
     return KaSATrainer(
         model=model,
-        args=SFTConfig(**args),
+        args=tiny_sft_config(tmp_path, **{"max_steps": 3, **overrides}),
         train_dataset=dataset,
         processing_class=tokenizer,
         kasa_config=kasa or KaSAConfig(r=4, regularizers=STRONG),

@@ -27,6 +27,8 @@ from kasa_trl.dpo_trainer import KaSADPOTrainer
 from kasa_trl.tiny import build_tiny_llama, build_tokenizer, load_tiny_dataset
 from kasa_trl.trainer import KaSATrainer
 
+from .helpers import tiny_sft_config
+
 CONFIG = dict(r=4, base_mode="in_place", regularizers={"singular_value_l2": 0.5, "orthogonality": 0.5})
 
 
@@ -41,23 +43,7 @@ def dataset():
 
 
 def sft_args(output_dir: Path, **overrides) -> SFTConfig:
-    args = dict(
-        output_dir=str(output_dir),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=0.05,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        max_length=32,
-        disable_tqdm=True,
-        bf16=False,
-    )
-    return SFTConfig(**{**args, **overrides})
+    return tiny_sft_config(output_dir, **overrides)
 
 
 def make_trainer(out, tokenizer, dataset, *, model=None, kasa=None, **overrides):

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from kasa_trl import KaSAConfig, kasa_layers
 from kasa_trl.tiny import build_tiny_llama, build_tokenizer, load_tiny_dataset
+
+if not __package__:  # run as a script: make the repository's tests package (tests/helpers.py) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.helpers import tiny_sft_config  # noqa: E402
 
 STRONG = {"singular_value_l2": 0.5, "orthogonality": 0.5}
 
@@ -44,7 +50,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    from trl import SFTConfig
 
     from kasa_trl.trainer import KaSATrainer
 
@@ -59,22 +64,11 @@ def main() -> None:
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
     )
     model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization, device_map="cpu")
-    config = SFTConfig(
-        output_dir=args.out,
+    config = tiny_sft_config(
+        args.out,
         max_steps=args.steps,
         per_device_train_batch_size=args.global_batch // world,
-        learning_rate=0.05,
-        optim="sgd",
-        lr_scheduler_type="constant",
         max_grad_norm=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        max_length=32,
-        disable_tqdm=True,
-        bf16=False,
         activation_checkpointing=False,
         ddp_find_unused_parameters=False,
         deepspeed=ds_config(args.stage) if args.stage else None,

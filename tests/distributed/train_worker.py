@@ -20,10 +20,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+if not __package__:  # run as a script: make the repository's tests package (tests/helpers.py) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.helpers import tiny_sft_config  # noqa: E402
 
 PROGRESS_ENV = "KASA_TEST_PROGRESS_DIR"
 STEP_SLEEP_ENV = "KASA_TEST_STEP_SLEEP"
@@ -36,32 +41,21 @@ N_ROWS = 32  # 8 steps of 4 rows: one epoch
 
 def build_trainer(output_dir: str | os.PathLike, *, max_steps: int = MAX_STEPS, save_steps: int = SAVE_STEPS):
     """The KaSATrainer of this run (also used in-process by the test for the reference and resumed runs)."""
-    from trl import SFTConfig
-
     from kasa_trl import KaSAConfig
     from kasa_trl.tiny import build_tiny_llama, build_tokenizer, load_tiny_dataset
     from kasa_trl.trainer import KaSATrainer
 
     trainer_class = _pausing_trainer_class(KaSATrainer) if os.environ.get(PAUSE_ENV) else KaSATrainer
     tokenizer = build_tokenizer()
-    args = SFTConfig(
-        output_dir=str(output_dir),
+    args = tiny_sft_config(
+        output_dir,
         max_steps=max_steps,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=1,
         learning_rate=1e-2,
         optim="adamw_torch",
         lr_scheduler_type="linear",
         weight_decay=0.01,
-        logging_steps=1,
         save_strategy="steps",
         save_steps=save_steps,
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        max_length=32,
-        disable_tqdm=True,
-        bf16=False,
         dataloader_num_workers=0,
         activation_checkpointing=True,  # TRL's default, under transformers 5's name (no deprecation warning)
     )

@@ -9,13 +9,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from kasa_trl import KaSAConfig, kasa_layers
 from kasa_trl.tiny import build_tiny_llama, build_tokenizer, load_tiny_dataset
+
+if not __package__:  # run as a script: make the repository's tests package (tests/helpers.py) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.helpers import tiny_sft_config  # noqa: E402
 
 STRONG = {"singular_value_l2": 0.5, "orthogonality": 0.5}
 
@@ -55,8 +61,6 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from trl import SFTConfig
-
     from kasa_trl.trainer import KaSATrainer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -66,24 +70,14 @@ def main() -> None:
     extra = {"activation_checkpointing": args.checkpointing != "none"}
     if args.checkpointing != "none":
         extra["activation_checkpointing_kwargs"] = {"use_reentrant": args.checkpointing == "reentrant"}
-    config = SFTConfig(
-        output_dir=args.out,
+    config = tiny_sft_config(
+        args.out,
         max_steps=args.steps,
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=args.grad_accum,
-        learning_rate=0.05,
-        optim="sgd",
-        lr_scheduler_type="constant",
         max_grad_norm=0.0,
-        logging_steps=1,
         save_strategy="steps" if args.save_steps else "no",
         save_steps=args.save_steps or 500,
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        max_length=32,
-        disable_tqdm=True,
-        bf16=False,
         deepspeed=ds_config(args.stage) if args.stage else None,
         **extra,
     )
