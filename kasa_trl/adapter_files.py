@@ -171,6 +171,14 @@ def read_adapter(directory: str | os.PathLike[str]) -> tuple[KaSAConfig, dict[st
     Every problem of the files is a ``ValueError`` naming the file (a missing adapter a ``FileNotFoundError``):
     header fields, tensor names, dtypes, shapes, non-finite values, a ``kasa_config.json`` that disagrees.
     """
+    info, per_layer = read_adapter_with_info(directory)
+    return info.config, per_layer
+
+
+def read_adapter_with_info(
+    directory: str | os.PathLike[str],
+) -> tuple[AdapterInfo, dict[str, dict[str, torch.Tensor]]]:
+    """``read_adapter`` with the whole header (``read_adapter_info``) instead of only its config: one read."""
     with directory_lock(_existing_directory(directory), exclusive=False):
         info, specs = _read_header(directory)
         try:
@@ -182,7 +190,7 @@ def read_adapter(directory: str | os.PathLike[str]) -> tuple[KaSAConfig, dict[st
             ) from e
     check_finite(tensors, str(info.path), for_saving=False)
     per_layer = {name: {key: tensors[f"{name}.{key}"] for key in TENSOR_KEYS} for name in info.layers}
-    return info.config, per_layer
+    return info, per_layer
 
 
 def read_adapter_info(directory: str | os.PathLike[str]) -> AdapterInfo:

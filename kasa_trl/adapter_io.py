@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter_files import AdapterInfo, read_adapter, read_adapter_info, write_adapter
+from .adapter_files import AdapterInfo, read_adapter, read_adapter_info, read_adapter_with_info, write_adapter
 from .adapter_format import (
     ADAPTER_FILE,
     BASE_MODEL_KEY,
@@ -190,7 +190,8 @@ def _checked_load(
         raise TypeError(f"is_trainable must be True or False, got {is_trainable!r}")
     if kasa_layers(model):
         raise ValueError("model already carries KaSA layers; load the adapter onto a fresh base model")
-    config, per_layer = read_adapter(adapter_directory)
+    info, per_layer = read_adapter_with_info(adapter_directory)
+    config = info.config
     where = Path(adapter_directory) / ADAPTER_FILE
     modules = {
         name: _target_module(model, name, tensors, config, where) for name, tensors in per_layer.items()
@@ -212,7 +213,7 @@ def _checked_load(
         config = config_for_targets(model, modules, config)
     except (TypeError, ValueError) as e:
         raise type(e)(f"adapter {where}: {e}") from None
-    recorded = read_adapter_info(adapter_directory).base_quantization or {}
+    recorded = info.base_quantization or {}
     _check_base_weights(modules, per_layer, where, recorded.get(RECORD_LAYERS, {}))
     return config, per_layer, modules
 
