@@ -112,9 +112,11 @@ class PenaltySession:
                 reduced[name] = reduced.get(name, 0) + value * self.layer_weight
         return reduced
 
-    def total(self) -> torch.Tensor | None:
-        """The weighted penalty of this micro-batch (detached), or None if no layer ran."""
-        values = self.values()
+    def total(self, values: dict[str, torch.Tensor] | None = None) -> torch.Tensor | None:
+        """The weighted penalty of this micro-batch (detached), or None if no layer ran. ``values``: ``values()``,
+        when the caller has it already."""
+        if values is None:
+            values = self.values()
         if not values:
             return None
         total = sum(self.weights[name] * value for name, value in values.items())

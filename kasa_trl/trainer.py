@@ -190,7 +190,7 @@ class KaSATrainerMixin(_MixedInto):
         values = session.values()
         for name, value in values.items():
             self._metrics[mode][f"kasa/{name}"].append(float(value))
-        total = session.total()
+        total = session.total(values)
         if total is not None:
             self._metrics[mode]["kasa/regularization"].append(float(total))
         return (loss, outputs) if return_outputs else loss
