@@ -38,7 +38,7 @@ from .quantized import (
     quantization_kind,
     quantization_record,
 )
-from .shared_weights import config_for_targets, loaded_base_mode
+from .shared_weights import config_for_targets
 from .targets import check_adapter_fits, check_supported, removed_rank
 from .weights import base_weight, stored_weight, weight_shape
 
@@ -207,9 +207,11 @@ def _checked_load(
             "for this model; re-save the adapter"
         )
     try:
-        # The file's mode is a record: an in_place adapter is rebuilt non_destructively on a 16-bit, quantized or
-        # shared base (loaded_base_mode), as apply_kasa's "auto" would; both compute the same function.
-        config = dataclasses.replace(config, base_mode=loaded_base_mode(model, modules, config.base_mode))
+        # The file's mode is a record, not a request: both modes compute the same function W - R + dW. A recorded
+        # in_place is resolved as "auto" for this base (config_for_targets): non_destructive on a 16-bit,
+        # quantized or shared target weight, where W - R stored in place would be rounded by about as much as R.
+        if config.base_mode == "in_place":
+            config = dataclasses.replace(config, base_mode="auto")
         config = config_for_targets(model, modules, config)
     except (TypeError, ValueError) as e:
         raise type(e)(f"adapter {where}: {e}") from None

@@ -22,8 +22,6 @@ from .layer import KaSALinear, check_layer_arguments
 from .quantized import in_place_refusal, is_quantized_layer
 from .weights import stored_weight
 
-BaseMode = Literal["auto", "in_place", "non_destructive"]
-
 
 def config_for_targets(model: nn.Module, targets: dict[str, nn.Module], config: KaSAConfig) -> KaSAConfig:
     """``config`` as it applies to ``targets`` of ``model``: ``base_mode`` resolved for them
@@ -57,19 +55,6 @@ def resolve_model_base_mode(model: nn.Module, targets: dict[str, nn.Module], bas
     if base_mode == "auto" and shared_weight_users(model, targets):
         return "non_destructive"
     return mode
-
-
-def loaded_base_mode(model: nn.Module, targets: dict[str, nn.Module], recorded: BaseMode) -> BaseMode:
-    """The mode an adapter whose file records ``recorded`` is rebuilt in on ``targets`` of ``model``.
-
-    The recorded mode is a record of how the adapter was trained, not a request: both modes compute the same
-    function ``W - R + dW``. A recorded ``"in_place"`` becomes whatever ``"auto"`` picks for this base
-    (``resolve_model_base_mode``): ``"non_destructive"`` on a bf16/fp16, quantized or shared target weight, where
-    storing ``W - R`` in place would round it by about as much as ``R`` (or truncate a shared weight for every
-    user). Any other recorded mode is kept (``config_for_targets`` resolves an ``"auto"``)."""
-    if recorded != "in_place":
-        return recorded
-    return cast(BaseMode, resolve_model_base_mode(model, targets, "auto"))
 
 
 def shared_weight_users(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, list[str]]:
